@@ -1,0 +1,1145 @@
+"""A convolutional network written from scratch, trained on MNIST.
+
+Every layer -- Conv2D, MaxPool2D, ReLU, Flatten, Linear and the fused softmax cross-entropy --
+has a hand-written forward and backward pass on PyTorch tensor primitives (matmul, as_strided,
+max, scatter, exp, log). No autograd and no torch.nn layer is used for training: the loop runs
+under torch.no_grad() and every gradient below is computed by the code in this file.
+
+    Conv(1->8, 3x3, pad 1) -> ReLU -> MaxPool(2) -> Conv(8->16, 3x3, pad 1) -> ReLU -> MaxPool(2)
+    -> Flatten -> Linear(784 -> 10)
+
+The 3x3 kernels with padding 1 keep the spatial size (28 -> 28 -> 14 -> 14 -> 7), so the flat
+feature vector is 16 * 7 * 7 = 784, as the architecture requires; 3x3 rather than 5x5 because it
+costs 2.8x fewer multiply-adds for the same receptive field after two stages.
+
+Run (defaults are the reported run: 5 epochs, batch 640, SGD with Nesterov momentum 0.9,
+lr 0.2 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
+
+    python cnn_from_scratch.py --data-dir ../shared/data
+    python cnn_from_scratch.py --resume auto          # continue the newest interrupted run
+    sbatch run_cnn.sbatch                             # the same on a SLURM cluster
+
+Measured result (MEASURED_PLACEHOLDER)
+
+Exit codes: 0 done; 2 bad input (message says what to fix); 3 the loss diverged (NaN/inf; the
+last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
+rerun with `--resume auto` to continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written; `--resume auto` continues
+DIVERGED_EXIT_CODE = 3
+USAGE_EXIT_CODE = 2
+RUN_PREFIX = "cnn"
+CHECKPOINT_NAME = "checkpoint_last.pt"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Hyperparameters that define a run: on resume they come from the checkpoint, and an explicit
+# command-line value that contradicts the checkpoint is an error rather than a silent change.
+RUN_DEFINING_ARGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "seed",
+    "val_size",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI and environment
+# --------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a from-scratch CNN (hand-written forward/backward) on MNIST.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("DATA_DIR", "./data"),
+        help="folder holding MNIST/raw/ (torchvision layout); downloaded there when missing "
+        "and online. Default: $DATA_DIR, else ./data",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=os.environ.get("RESULTS_DIR", "./results"),
+        help="where the timestamped results folder is created. Default: $RESULTS_DIR, else ./results",
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=640, help="training batch size")
+    parser.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    parser.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear warmup length (epochs), then cosine decay to 0",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and shuffling")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="auto picks cuda, then mps, then cpu",
+    )
+    parser.add_argument(
+        "--val-size", type=int, default=5000, help="images held out from train for validation"
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="a checkpoint to continue from, or 'auto': the newest checkpoint of this SLURM job "
+        "(or, outside SLURM, of --output-dir); 'auto' with none found starts a new run",
+    )
+    return parser
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one 'error:' message, exit code 2."""
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def select_device(name: str) -> torch.device:
+    """Resolve --device; 'auto' prefers cuda, then mps, then cpu."""
+    mps_available = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if name == "mps" and not mps_available:
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def environment_summary(device: torch.device) -> dict:
+    """What ran where: versions, host, device and SLURM job, for the log and config.json."""
+    summary = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": socket.gethostname(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+    }
+    if device.type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(device)
+        summary["cuda"] = torch.version.cuda
+    return summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def load_mnist(
+    data_dir: str | Path, train: bool = True, download: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read MNIST through torchvision: uint8 images (N, 28, 28) and int64 labels (N,)."""
+    from torchvision.datasets import MNIST
+
+    raw = Path(data_dir) / "MNIST" / "raw"
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    how_to_fetch = (
+        f"On a machine with internet run `python cnn_from_scratch.py --data-dir {data_dir}` "
+        "(or `./setup_env.sh --prefetch`) and copy the folder here, or pass --data-dir to "
+        "a folder that holds MNIST/raw/."
+    )
+    if missing and download:
+        try:
+            MNIST(root=str(data_dir), train=train, download=True)
+        except Exception as error:  # torchvision raises RuntimeError/URLError/OSError offline
+            raise UserError(
+                f"MNIST is not in {raw} (missing: {', '.join(missing)}) and downloading it "
+                f"failed: {str(error).strip().splitlines()[0]}. {how_to_fetch}"
+            ) from None
+        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing:
+        raise UserError(f"MNIST files missing in {raw}: {', '.join(missing)}. {how_to_fetch}")
+    try:
+        dataset = MNIST(root=str(data_dir), train=train, download=False)
+        images, labels = dataset.data, dataset.targets
+    except Exception as error:  # a truncated or corrupt IDX file fails inside torchvision
+        split = "train" if train else "t10k"
+        raise UserError(
+            f"could not read the MNIST {split} files in {raw} ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0]}); they are corrupt or truncated. "
+            f"Delete them and fetch them again. {how_to_fetch}"
+        ) from None
+    if (
+        images.dtype != torch.uint8
+        or images.dim() != 3
+        or tuple(images.shape[1:]) != (28, 28)
+        or len(labels) != len(images)
+        or len(images) == 0
+        or int(labels.min()) < 0
+        or int(labels.max()) > 9
+    ):
+        raise UserError(
+            f"the MNIST files in {raw} hold {tuple(images.shape)} images and {len(labels)} "
+            "labels, not N 28x28 images with labels 0-9; they are corrupt: fetch them again."
+        )
+    return images, labels.long()
+
+
+def split_train_val(
+    images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Hold out a seeded random `val_size` images from train for the validation curves."""
+    if not 0 <= val_size < len(images):
+        raise UserError(
+            f"--val-size {val_size} must be between 0 and {len(images) - 1} "
+            f"(the training set has {len(images)} images)"
+        )
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    val_index, train_index = order[:val_size], order[val_size:]
+    return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+
+
+def preprocess(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, 28, 28) on the device -> normalised (N, 1, 28, 28), on the same device."""
+    scale = 1.0 / (255.0 * MNIST_STD)
+    return (images_uint8.to(dtype) * scale - MNIST_MEAN / MNIST_STD).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Model: layers with hand-written forward and backward passes
+# --------------------------------------------------------------------------------------------
+#
+# Contract (as in cs231n's layers.py): forward(x) stores what backward needs in self.cache;
+# backward(grad_out) returns the gradient with respect to the forward input and, for trainable
+# layers, overwrites self.grads (same keys and layouts as self.params, which are torch's own:
+# conv weight (out, in, kh, kw), linear weight (out, in)).
+#
+# Image tensors have torch's (N, C, H, W) shape. Internally the convolution works channels-last
+# (N, H, W, C): im2col then lands the output channels in the matmul's last dimension, so its
+# result *is* the next activation, returned as an (N, C, H, W)-shaped view with channels-last
+# strides. ReLU and pooling keep those strides, so no layer pays for a layout copy.
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, what: str) -> int:
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"{what}: input size {size} with padding {padding} is smaller than kernel {kernel}"
+        )
+    return out
+
+
+class Conv2D:
+    """2-D cross-correlation (torch's convolution) by im2col and one matmul.
+
+    forward:  x (N, C_in, H, W) -> (N, C_out, H_out, W_out),
+              H_out = (H + 2 * padding - kernel_h) // stride + 1 (likewise W_out).
+    backward: grad_out (N, C_out, H_out, W_out) -> grad_in (N, C_in, H, W); sets
+              grads["weight"] (C_out, C_in, kh, kw) and grads["bias"] (C_out,).
+              With needs_input_grad False (a first layer, whose input is data) grad_in is
+              not computed and None is returned: it is the costliest part of backward.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ):
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (
+            _pair(kernel_size),
+            _pair(stride),
+            _pair(padding),
+        )
+        kh, kw = self.kernel_size
+        fan_in = in_channels * kh * kw
+        # He initialisation: keeps activation variance constant through ReLU layers.
+        weight = torch.randn(out_channels, in_channels, kh, kw, generator=generator, dtype=dtype)
+        self.params = {
+            "weight": (weight * math.sqrt(2.0 / fan_in)).to(device),
+            "bias": torch.zeros(out_channels, dtype=dtype, device=device),
+        }
+        self.grads: dict[str, torch.Tensor] = {}
+        self.needs_input_grad = True
+        self.cache = None
+
+    def _weight_matrix(self) -> torch.Tensor:
+        """(C_out, kh * kw * C_in), columns ordered like the channels-last im2col rows."""
+        return self.params["weight"].permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"Conv2D expects {self.in_channels} input channels, got {c}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        h_out = _output_size(h, kh, sh, ph, "Conv2D height")
+        w_out = _output_size(w, kw, sw, pw, "Conv2D width")
+        x_nhwc = x.permute(0, 2, 3, 1)
+        if ph or pw:
+            padded = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c))
+            padded[:, ph : ph + h, pw : pw + w] = x_nhwc
+        else:
+            padded = x_nhwc.contiguous()
+        stride_n, stride_h, stride_w, stride_c = padded.stride()
+        windows = padded.as_strided(
+            (n, h_out, w_out, kh, kw, c),
+            (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
+        )
+        cols = windows.reshape(n * h_out * w_out, kh * kw * c)  # the one im2col copy
+        out = torch.addmm(self.params["bias"], cols, self._weight_matrix().t())
+        self.cache = (x.shape, cols, h_out, w_out)
+        return out.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        (n, c, h, w), cols, h_out, w_out = self.cache
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * h_out * w_out, self.out_channels)
+        grad_weight = grad_rows.t() @ cols  # (C_out, kh * kw * C_in)
+        self.grads["weight"] = (
+            grad_weight.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+        )
+        self.grads["bias"] = grad_rows.sum(0)
+        if not self.needs_input_grad:
+            return None
+        grad_cols = (grad_rows @ self._weight_matrix()).view(n, h_out, w_out, kh, kw, c)
+        # col2im: every kernel tap adds its slice back where it was read from.
+        grad_padded = grad_out.new_zeros((n, h + 2 * ph, w + 2 * pw, c))
+        for i in range(kh):
+            for j in range(kw):
+                grad_padded[
+                    :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
+                ] += grad_cols[:, :, :, i, j]
+        return grad_padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)
+
+
+class MaxPool2D:
+    """Max pooling over kernel windows; gradient routed to the (first) maximum of each window.
+
+    forward:  x (N, C, H, W) -> (N, C, H_out, W_out), H_out = (H - kernel_h) // stride + 1.
+    backward: grad_out (N, C, H_out, W_out) -> grad_in (N, C, H, W).
+    stride defaults to kernel_size.
+    """
+
+    def __init__(
+        self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None
+    ):
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride) if stride is not None else self.kernel_size
+        self.cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        h_out = _output_size(h, kh, sh, 0, "MaxPool2D height")
+        w_out = _output_size(w, kw, sw, 0, "MaxPool2D width")
+        stride_n, stride_c, stride_h, stride_w = x.stride()
+        # Windows as a view of any layout: (N, H_out, W_out, C, kh, kw).
+        windows = x.as_strided(
+            (n, h_out, w_out, c, kh, kw),
+            (stride_n, stride_h * sh, stride_w * sw, stride_c, stride_h, stride_w),
+        )
+        out, argmax = windows.reshape(n, h_out, w_out, c, kh * kw).max(dim=-1)
+        self.cache = (x.shape, argmax)
+        return out.permute(0, 3, 1, 2)
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+        (n, c, h, w), argmax = self.cache
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        _, _, h_out, w_out = grad_out.shape
+        grad_nhwc = grad_out.permute(0, 2, 3, 1)
+        grad_windows = grad_out.new_zeros((n, h_out, w_out, c, kh * kw))
+        grad_windows.scatter_(-1, argmax.unsqueeze(-1), grad_nhwc.unsqueeze(-1))
+        grad_windows = grad_windows.view(n, h_out, w_out, c, kh, kw)
+        if (kh, kw) == (sh, sw) and (h_out * kh, w_out * kw) == (h, w):
+            # Windows tile the input exactly: un-windowing is a reshape, no adds.
+            grad_in = grad_windows.permute(0, 1, 4, 2, 5, 3).reshape(n, h, w, c)
+        else:
+            grad_in = grad_out.new_zeros((n, h, w, c))
+            for i in range(kh):
+                for j in range(kw):
+                    grad_in[
+                        :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
+                    ] += grad_windows[..., i, j]
+        return grad_in.permute(0, 3, 1, 2)
+
+
+class ReLU:
+    """max(x, 0) elementwise. forward: x (any shape) -> same; backward: grad_out -> grad_in."""
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clamp(min=0)
+        self.cache = out
+        return out
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+        # The derivative at exactly 0 is taken as 0, as torch does.
+        return grad_out * (self.cache > 0)
+
+
+class Flatten:
+    """forward: x (N, C, H, W) -> (N, C * H * W) in torch's (C, H, W) order; backward: inverse."""
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+        return grad_out.reshape(self.cache)
+
+
+class Linear:
+    """y = x W^T + b.
+
+    forward:  x (N, in_features) -> (N, out_features).
+    backward: grad_out (N, out_features) -> grad_in (N, in_features); sets
+              grads["weight"] (out_features, in_features) and grads["bias"] (out_features,).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / math.sqrt(in_features)  # torch.nn.Linear's default range
+        weight = torch.rand(out_features, in_features, generator=generator, dtype=dtype)
+        self.params = {
+            "weight": ((weight * 2 - 1) * bound).to(device),
+            "bias": torch.zeros(out_features, dtype=dtype, device=device),
+        }
+        self.grads: dict[str, torch.Tensor] = {}
+        self.needs_input_grad = True
+        self.cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear expects (N, {self.in_features}), got {tuple(x.shape)}")
+        self.cache = x
+        return torch.addmm(self.params["bias"], x, self.params["weight"].t())
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        x = self.cache
+        self.grads["weight"] = grad_out.t() @ x
+        self.grads["bias"] = grad_out.sum(0)
+        return grad_out @ self.params["weight"] if self.needs_input_grad else None
+
+
+class SoftmaxCrossEntropy:
+    """Mean cross-entropy of softmax(logits), fused with its gradient.
+
+    forward(logits (N, K), targets (N,) int64) -> scalar mean loss (log-sum-exp, stable).
+    backward() -> grad_logits (N, K) = (softmax(logits) - one_hot(targets)) / N.
+    """
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        shifted = logits - logits.amax(dim=1, keepdim=True)
+        log_probs = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+        self.cache = (log_probs, targets)
+        return -log_probs.gather(1, targets.unsqueeze(1)).mean()
+
+    def backward(self) -> torch.Tensor:
+        log_probs, targets = self.cache
+        grad = log_probs.exp()
+        grad.scatter_add_(
+            1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -1.0)
+        )  # softmax - one_hot
+        return grad.div_(len(targets))
+
+
+class CNN:
+    """The seed architecture; forward(x (N, 1, 28, 28)) -> logits (N, 10)."""
+
+    def __init__(
+        self,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ):
+        factory = {"device": device, "dtype": dtype, "generator": generator}
+        self.layers = [
+            Conv2D(1, 8, 3, padding=1, **factory),
+            ReLU(),
+            MaxPool2D(2),
+            Conv2D(8, 16, 3, padding=1, **factory),
+            ReLU(),
+            MaxPool2D(2),
+            Flatten(),
+            Linear(16 * 7 * 7, 10, **factory),
+        ]
+        self.layers[0].needs_input_grad = False  # its input is the data
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_logits: torch.Tensor) -> None:
+        grad = grad_logits
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+
+    def trainable_layers(self) -> list[tuple[int, Conv2D | Linear]]:
+        return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "params")]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"layers.{i}.{name}": tensor.clone()
+            for i, layer in self.trainable_layers()
+            for name, tensor in layer.params.items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"state dict keys {sorted(state)} do not match {sorted(expected)}")
+        for i, layer in self.trainable_layers():
+            for name, tensor in layer.params.items():
+                tensor.copy_(state[f"layers.{i}.{name}"])
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for _, layer in self.trainable_layers() for t in layer.params.values())
+
+
+class SGD:
+    """SGD with (Nesterov) momentum and L2 weight decay, in place, as torch.optim.SGD does it.
+
+    step(): g = grad + weight_decay * p; buf = momentum * buf + g;
+            p -= lr * (g + momentum * buf) with nesterov, else p -= lr * buf.
+    """
+
+    def __init__(
+        self,
+        model: CNN,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+    ):
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.model, self.lr, self.momentum = model, lr, momentum
+        self.weight_decay, self.nesterov = weight_decay, nesterov
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def step(self) -> None:
+        for i, layer in self.model.trainable_layers():
+            for name, param in layer.params.items():
+                grad = layer.grads[name]
+                if self.weight_decay:
+                    grad = grad.add(param, alpha=self.weight_decay)
+                if self.momentum:
+                    key = f"layers.{i}.{name}"
+                    buffer = self.buffers.get(key)
+                    if buffer is None:
+                        buffer = self.buffers[key] = grad.clone()
+                    else:
+                        buffer.mul_(self.momentum).add_(grad)
+                    grad = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
+                param.add_(grad, alpha=-self.lr)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "buffers": {k: v.clone() for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr = state["lr"]
+        self.buffers = {k: v.clone() for k, v in state["buffers"].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGUSR1 into a flag the training loop checks after every step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+
+def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
+    """Linear warmup from peak/warmup to peak, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def iterate_batches(
+    num_items: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> list[torch.Tensor]:
+    """One epoch's shuffled index batches (the last one may be short), moved to the device."""
+    order = torch.randperm(num_items, generator=generator).to(device)
+    return list(order.split(batch_size))
+
+
+@torch.no_grad()
+def evaluate(
+    model: CNN, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000
+) -> dict:
+    """Loss, accuracy and predictions over a whole split (uint8 images on the device)."""
+    loss_fn = SoftmaxCrossEntropy()
+    total_loss, predictions = 0.0, []
+    for start in range(0, len(images_uint8), batch_size):
+        x = preprocess(images_uint8[start : start + batch_size])
+        y = labels[start : start + batch_size]
+        logits = model.forward(x)
+        total_loss += float(loss_fn.forward(logits, y)) * len(y)
+        predictions.append(logits.argmax(dim=1))
+    predicted = torch.cat(predictions) if predictions else labels.new_zeros(0)
+    count = max(1, len(labels))
+    return {
+        "loss": total_loss / count,
+        "accuracy": float((predicted == labels).sum()) / count,
+        "predictions": predicted,
+    }
+
+
+@torch.no_grad()
+def train(
+    args: argparse.Namespace,
+    model: CNN,
+    optimizer: SGD,
+    data: dict,
+    state: dict,
+    save_checkpoint,
+    stop: StopSignal,
+    on_epoch_end,
+) -> str:
+    """Run (or continue) training from `state`; returns "done", "stopped" or "diverged".
+
+    `state` holds the epoch, the step within it and the epoch's running sums, so a checkpoint
+    written mid-epoch resumes bit-identically: the same permutation is drawn again and the
+    finished steps are skipped.
+    """
+    from tqdm import tqdm
+
+    train_x, train_y = data["train"]
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
+    loss_fn = SoftmaxCrossEntropy()
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"]
+        if state["step_in_epoch"] == 0:
+            state["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        # Each epoch's order comes from its own seeded generator, so a resumed epoch draws
+        # exactly the same permutation and skips the steps it had already taken.
+        shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
+        batches = iterate_batches(len(train_x), args.batch_size, shuffle, train_x.device)
+        sums = state["sums"]
+        progress = tqdm(
+            total=len(batches),
+            initial=state["step_in_epoch"],
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=not sys.stderr.isatty(),
+            leave=False,
+        )
+        started = time.perf_counter()
+        for index in batches[state["step_in_epoch"] :]:
+            optimizer.lr = learning_rate(
+                epoch * steps_per_epoch + state["step_in_epoch"], total_steps, args.lr, warmup_steps
+            )
+            x, y = preprocess(train_x[index]), train_y[index]
+            logits = model.forward(x)
+            loss = loss_fn.forward(logits, y)
+            model.backward(loss_fn.backward())
+            optimizer.step()
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                progress.close()
+                return "diverged"
+            sums["loss"] += loss_value * len(y)
+            sums["correct"] += int((logits.argmax(dim=1) == y).sum())
+            sums["seen"] += len(y)
+            state["step_in_epoch"] += 1
+            progress.update()
+            if stop.received:
+                break
+        if train_x.device.type == "cuda":
+            torch.cuda.synchronize()
+        sums["seconds"] += time.perf_counter() - started
+        progress.close()
+        if stop.received and state["step_in_epoch"] < len(batches):
+            save_checkpoint()
+            return "stopped"
+        val = (
+            evaluate(model, *data["val"])
+            if len(data["val"][0])
+            else {"loss": math.nan, "accuracy": math.nan}
+        )
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": sums["loss"] / sums["seen"],
+            "train_accuracy": sums["correct"] / sums["seen"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "lr": optimizer.lr,
+            "seconds": sums["seconds"],
+            "images_per_s": sums["seen"] / sums["seconds"],
+        }
+        state["history"].append(row)
+        state["train_time_s"] += sums["seconds"]
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        save_checkpoint()
+        on_epoch_end(row)
+        if stop.received:
+            return "stopped" if state["epoch"] < args.epochs else "done"
+    return "done"
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: metrics, plots, checkpoints (every file written atomically)
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then os.replace: all or nothing."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(payload, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_figure(figure, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
+    """<output_dir>/<prefix>_<YYYYmmdd-HHMMSS>[_<SLURM_JOB_ID>], created (never reused)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / (f"{prefix}_{stamp}" + (f"_{job}" if job else ""))
+    run_dir, suffix = base, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = base.with_name(f"{base.name}-{suffix}")
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create the results folder {run_dir}: {error.strerror}; pass a writable --output-dir"
+        ) from None
+    return run_dir
+
+
+def find_resume_checkpoint(
+    resume: str | None, output_dir: str | Path, prefix: str, checkpoint_name: str
+) -> Path | None:
+    """--resume PATH -> PATH; 'auto' -> the newest <prefix>_* checkpoint of this SLURM job (or,
+    outside SLURM, of output_dir), None when there is none; no --resume -> None."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir():
+            path = path / checkpoint_name
+        if not path.is_file():
+            raise UserError(
+                f"--resume {resume}: no checkpoint file there; pass a {checkpoint_name} path or 'auto'"
+            )
+        return path
+    job = os.environ.get("SLURM_JOB_ID")
+    pattern = f"{prefix}_*_{job}*/{checkpoint_name}" if job else f"{prefix}_*/{checkpoint_name}"
+    candidates = sorted(Path(output_dir).glob(pattern), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def capture_rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> dict:
+    """Confusion matrix (rows true, columns predicted) with per-class precision/recall/F1."""
+    confusion = torch.bincount(
+        labels.cpu() * num_classes + predicted.cpu(), minlength=num_classes**2
+    )
+    confusion = confusion.view(num_classes, num_classes).double()
+    true_positive = confusion.diagonal()
+    precision = true_positive / confusion.sum(0).clamp(min=1)
+    recall = true_positive / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return {
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            str(k): {
+                "precision": float(precision[k]),
+                "recall": float(recall[k]),
+                "f1": float(f1[k]),
+                "support": int(confusion[k].sum()),
+            }
+            for k in range(num_classes)
+        },
+        "confusion_matrix": confusion.long().tolist(),
+    }
+
+
+def plot_training_curves(history: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for split in ("train", "val"):
+        loss_axis.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
+        accuracy_axis.plot(
+            epochs, [100 * row[f"{split}_accuracy"] for row in history], marker="o", label=split
+        )
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    save_figure(figure, path)
+
+
+def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    matrix = torch.tensor(confusion, dtype=torch.float64)
+    figure, axis = plt.subplots(figsize=(7, 6))
+    image = axis.imshow(matrix.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=axis)
+    ticks = range(len(class_names))
+    axis.set(xticks=ticks, yticks=ticks, xticklabels=class_names, yticklabels=class_names)
+    axis.set(xlabel="predicted", ylabel="true", title="Test confusion matrix (counts)")
+    threshold = matrix.max().item() / 2
+    for row in ticks:
+        for column in ticks:
+            value = int(matrix[row, column])
+            if value:
+                color = "white" if value > threshold else "black"
+                axis.text(
+                    column, row, str(value), ha="center", va="center", fontsize=7, color=color
+                )
+    save_figure(figure, path)
+
+
+def plot_misclassified(
+    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, limit: int = 36
+) -> None:
+    import matplotlib.pyplot as plt
+
+    wrong = (predicted != labels).nonzero().flatten()[:limit].cpu()
+    columns = 6
+    rows = max(1, math.ceil(len(wrong) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, wrong.tolist()):
+        axis.imshow(images[index].cpu().numpy(), cmap="gray")
+        axis.set_title(f"true {int(labels[index])} / pred {int(predicted[index])}", fontsize=8)
+    if not len(wrong):
+        axes[0, 0].set_title("no misclassified test images")
+    figure.suptitle(f"Misclassified test images (first {len(wrong)})")
+    save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.weight_decay < 0 or args.warmup_epochs < 0:
+        raise UserError("--weight-decay and --warmup-epochs must not be negative")
+
+
+def merge_resumed_args(
+    args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser
+) -> None:
+    """Take the run-defining hyperparameters from the checkpoint; refuse explicit contradictions."""
+    for name in RUN_DEFINING_ARGS:
+        given, default, recorded = getattr(args, name), parser.get_default(name), saved[name]
+        if given != default and given != recorded:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} {given} contradicts the checkpoint being resumed, which was made with "
+                f"{flag} {recorded}; resume with the same arguments, or start a new run without --resume"
+            )
+        setattr(args, name, recorded)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, parser)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return USAGE_EXIT_CODE
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    validate_args(args)
+    device = select_device(args.device)
+    resume_path = find_resume_checkpoint(args.resume, args.output_dir, RUN_PREFIX, CHECKPOINT_NAME)
+    checkpoint = None
+    if resume_path is not None:
+        try:
+            checkpoint = torch.load(resume_path, map_location="cpu", weights_only=False)
+            merge_resumed_args(args, checkpoint["config"]["args"], parser)
+        except UserError:
+            raise
+        except Exception as error:
+            raise UserError(f"cannot read checkpoint {resume_path}: {error}") from None
+    environment = environment_summary(device)
+    log("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None))
+
+    seed_everything(args.seed)
+    train_images, train_labels = load_mnist(args.data_dir, train=True)
+    test_images, test_labels = load_mnist(args.data_dir, train=False)
+    (train_x, train_y), (val_x, val_y) = split_train_val(
+        train_images, train_labels, args.val_size, args.seed
+    )
+    data = {
+        "train": (train_x.to(device), train_y.to(device)),
+        "val": (val_x.to(device), val_y.to(device)),
+        "test": (test_images.to(device), test_labels.to(device)),
+    }
+    log(
+        f"data: {len(train_x)} train, {len(val_x)} val, {len(test_images)} test images on {device} (uint8)"
+    )
+
+    model = CNN(device=device, generator=torch.Generator().manual_seed(args.seed))
+    optimizer = SGD(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    log(f"model: {model.num_parameters():,} parameters; {len(model.layers)} hand-written layers")
+    state = {"epoch": 0, "step_in_epoch": 0, "history": [], "train_time_s": 0.0}
+    if checkpoint is not None:
+        run_dir = resume_path.parent
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+        restore_rng_state(checkpoint["rng"])
+        log(f"resumed {resume_path} at epoch {state['epoch']} step {state['step_in_epoch']}")
+    else:
+        if args.resume == "auto":
+            log("resume: no checkpoint found, starting a new run")
+        run_dir = make_run_dir(args.output_dir, RUN_PREFIX)
+        config = {
+            "args": vars(args),
+            "environment": environment,
+            "parameters": model.num_parameters(),
+        }
+        atomic_write_json(run_dir / "config.json", config)
+    config = {"args": vars(args), "environment": environment}
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    log(f"run folder: {run_dir}")
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "state": state,
+                "rng": capture_rng_state(),
+                "config": config,
+            },
+            checkpoint_path,
+        )
+
+    def on_epoch_end(row: dict) -> None:
+        write_csv(run_dir / "history.csv", state["history"])
+        log(
+            f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} "
+            f"acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.4g}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
+        )
+
+    with StopSignal() as stop:
+        outcome = train(args, model, optimizer, data, state, save_checkpoint, stop, on_epoch_end)
+    if outcome == "diverged":
+        print(
+            f"error: the training loss became NaN/inf in epoch {state['epoch'] + 1}; "
+            f"the last good checkpoint is kept at {checkpoint_path}. Lower --lr "
+            f"(now {args.lr}) or raise --warmup-epochs.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return DIVERGED_EXIT_CODE
+    if outcome == "stopped":
+        log(
+            f"stopped by {stop.received}: checkpoint written to {checkpoint_path}; continue with --resume auto"
+        )
+        log(f"results: {run_dir}")
+        return RESUMABLE_EXIT_CODE
+
+    test = evaluate(model, *data["test"])
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        **classification_metrics(data["test"][1], test["predictions"], 10),
+        "train_time_s": state["train_time_s"],
+        "images_per_s": sum(row["seconds"] * row["images_per_s"] for row in state["history"])
+        / max(state["train_time_s"], 1e-9),
+        "epochs": args.epochs,
+        "test_images": len(test_labels),
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    plot_training_curves(state["history"], run_dir / "training_curves.png")
+    plot_confusion_matrix(
+        metrics["confusion_matrix"], [str(k) for k in range(10)], run_dir / "confusion_matrix.png"
+    )
+    plot_misclassified(
+        test_images, test_labels, test["predictions"].cpu(), run_dir / "misclassified.png"
+    )
+    log(
+        f"test accuracy {100 * metrics['test_accuracy']:.2f}%  loss {metrics['test_loss']:.4f}  "
+        f"macro F1 {metrics['macro_f1']:.4f}  train time {metrics['train_time_s']:.1f}s "
+        f"({metrics['images_per_s']:,.0f} img/s)"
+    )
+    log(f"results: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
