@@ -178,6 +178,12 @@ def seed_everything(seed: int) -> None:
 # Data
 # --------------------------------------------------------------------------------------------
 
+def _last_line(error: BaseException) -> str:
+    """The most specific line of a (possibly multi-line) exception message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -205,7 +211,7 @@ def load_mnist(
         except Exception as error:  # torchvision raises RuntimeError/URLError/OSError offline
             raise UserError(
                 f"MNIST is not in {raw} (missing: {', '.join(missing)}) and downloading it "
-                f"failed: {str(error).strip().splitlines()[0]}. {how_to_fetch}"
+                f"failed ({_last_line(error)}). {how_to_fetch}"
             ) from None
         missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
     if missing:
@@ -217,7 +223,7 @@ def load_mnist(
         split = "train" if train else "t10k"
         raise UserError(
             f"could not read the MNIST {split} files in {raw} ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0]}); they are corrupt or truncated. "
+            f"{_last_line(error)}); they are corrupt or truncated. "
             f"Delete them and fetch them again. {how_to_fetch}"
         ) from None
     if (
@@ -293,6 +299,11 @@ class Conv2D:
               grads["weight"] (C_out, C_in, kh, kw) and grads["bias"] (C_out,).
               With needs_input_grad False (a first layer, whose input is data) grad_in is
               not computed and None is returned: it is the costliest part of backward.
+
+    The im2col copy is laid out to follow the input's memory: for channels-last input it is
+    (positions, kh * kw * C_in), copied in runs of kw * C_in contiguous values; otherwise (a
+    one-channel image, say) it is (C_in * kh * kw, positions), copied in runs along W. Either
+    way the matmul yields (positions, C_out), which is the channels-last output itself.
     """
 
     def __init__(
@@ -308,14 +319,12 @@ class Conv2D:
         generator: torch.Generator | None = None,
     ):
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = (
-            _pair(kernel_size),
-            _pair(stride),
-            _pair(padding),
-        )
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
         kh, kw = self.kernel_size
         fan_in = in_channels * kh * kw
-        # He initialisation: keeps activation variance constant through ReLU layers.
+        # He initialisation: keeps the activation variance constant through ReLU layers.
         weight = torch.randn(out_channels, in_channels, kh, kw, generator=generator, dtype=dtype)
         self.params = {
             "weight": (weight * math.sqrt(2.0 / fan_in)).to(device),
@@ -325,9 +334,12 @@ class Conv2D:
         self.needs_input_grad = True
         self.cache = None
 
-    def _weight_matrix(self) -> torch.Tensor:
-        """(C_out, kh * kw * C_in), columns ordered like the channels-last im2col rows."""
-        return self.params["weight"].permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+    def _weight_matrix(self, channels_last: bool) -> torch.Tensor:
+        """(C_out, K), K ordered (kh, kw, C_in) for channels-last columns, else (C_in, kh, kw)."""
+        weight = self.params["weight"]
+        if channels_last:
+            weight = weight.permute(0, 2, 3, 1)
+        return weight.reshape(self.out_channels, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -336,50 +348,74 @@ class Conv2D:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         h_out = _output_size(h, kh, sh, ph, "Conv2D height")
         w_out = _output_size(w, kw, sw, pw, "Conv2D width")
-        x_nhwc = x.permute(0, 2, 3, 1)
+        channels_last = c > 1 and x.stride(1) == 1
+        # Work in a padded copy laid out like the input: NHWC if channels-last, else NCHW.
+        source = x.permute(0, 2, 3, 1) if channels_last else x
         if ph or pw:
-            padded = x.new_zeros((n, h + 2 * ph, w + 2 * pw, c))
-            padded[:, ph : ph + h, pw : pw + w] = x_nhwc
+            padded_shape = (n, h + 2 * ph, w + 2 * pw, c) if channels_last else (n, c, h + 2 * ph, w + 2 * pw)
+            padded = x.new_zeros(padded_shape)
+            if channels_last:
+                padded[:, ph : ph + h, pw : pw + w] = source
+            else:
+                padded[:, :, ph : ph + h, pw : pw + w] = source
         else:
-            padded = x_nhwc.contiguous()
-        stride_n, stride_h, stride_w, stride_c = padded.stride()
-        windows = padded.as_strided(
-            (n, h_out, w_out, kh, kw, c),
-            (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
-        )
-        cols = windows.reshape(n * h_out * w_out, kh * kw * c)  # the one im2col copy
-        out = torch.addmm(self.params["bias"], cols, self._weight_matrix().t())
-        self.cache = (x.shape, cols, h_out, w_out)
+            padded = source
+        if channels_last:
+            stride_n, stride_h, stride_w, stride_c = padded.stride()
+            rows = padded.as_strided(
+                (n, h_out, w_out, kh, kw, c),
+                (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
+            ).reshape(n * h_out * w_out, kh * kw * c)
+        else:
+            stride_n, stride_c, stride_h, stride_w = padded.stride()
+            rows = (
+                padded.as_strided(
+                    (c, kh, kw, n, h_out, w_out),
+                    (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
+                )
+                .reshape(c * kh * kw, n * h_out * w_out)
+                .t()  # (positions, K) as a transposed view: BLAS reads it without a copy
+            )
+        out = torch.addmm(self.params["bias"], rows, self._weight_matrix(channels_last).t())
+        self.cache = (x.shape, rows, h_out, w_out, channels_last)
         return out.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (n, c, h, w), cols, h_out, w_out = self.cache
+        (n, c, h, w), rows, h_out, w_out, channels_last = self.cache
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * h_out * w_out, self.out_channels)
-        grad_weight = grad_rows.t() @ cols  # (C_out, kh * kw * C_in)
-        self.grads["weight"] = (
-            grad_weight.view(self.out_channels, kh, kw, c).permute(0, 3, 1, 2).contiguous()
-        )
+        grad_weight = (rows.t() @ grad_rows).t()  # (C_out, K); this operand order is fastest
+        if channels_last:
+            grad_weight = grad_weight.reshape(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
+        self.grads["weight"] = grad_weight.reshape(self.params["weight"].shape).contiguous()
         self.grads["bias"] = grad_rows.sum(0)
         if not self.needs_input_grad:
             return None
-        grad_cols = (grad_rows @ self._weight_matrix()).view(n, h_out, w_out, kh, kw, c)
-        # col2im: every kernel tap adds its slice back where it was read from.
-        grad_padded = grad_out.new_zeros((n, h + 2 * ph, w + 2 * pw, c))
+        # Gradient of the columns, laid out (C_in, kh, kw, N, H_out, W_out): each tap's slice
+        # is then a block whose rows run along W, like the (C, N, H, W) buffer it is added to.
+        grad_cols = (self._weight_matrix(channels_last=False).t() @ grad_rows.t()).view(
+            c, kh, kw, n, h_out, w_out
+        )
+        grad_padded = grad_out.new_zeros((c, n, h + 2 * ph, w + 2 * pw))
         for i in range(kh):
             for j in range(kw):
                 grad_padded[
-                    :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
-                ] += grad_cols[:, :, :, i, j]
-        return grad_padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)
+                    :, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
+                ] += grad_cols[:, i, j]
+        return grad_padded[:, :, ph : ph + h, pw : pw + w].permute(1, 0, 2, 3)
 
 
 class MaxPool2D:
-    """Max pooling over kernel windows; gradient routed to the (first) maximum of each window.
+    """Max pooling; the gradient goes to the first maximum of each window, as in torch.
 
     forward:  x (N, C, H, W) -> (N, C, H_out, W_out), H_out = (H - kernel_h) // stride + 1.
     backward: grad_out (N, C, H_out, W_out) -> grad_in (N, C, H, W).
     stride defaults to kernel_size.
+
+    Each kernel tap is a strided view of the input, so the forward pass is kh * kw - 1
+    elementwise maximums with no copy and no index tensor; backward recovers which tap won
+    by comparing taps with the cached output in window order (first match wins, as torch's
+    argmax does), with 0/1 float masks because float arithmetic is the fast path on the CPU.
     """
 
     def __init__(
@@ -389,40 +425,53 @@ class MaxPool2D:
         self.stride = _pair(stride) if stride is not None else self.kernel_size
         self.cache = None
 
+    def _taps(self, x: torch.Tensor, h_out: int, w_out: int) -> list[torch.Tensor]:
+        """kh * kw views (N, C, H_out, W_out): tap (i, j) is x[..., i + s*oh, j + s*ow]."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return [
+            x[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+        _, _, h, w = x.shape
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         h_out = _output_size(h, kh, sh, 0, "MaxPool2D height")
         w_out = _output_size(w, kw, sw, 0, "MaxPool2D width")
-        stride_n, stride_c, stride_h, stride_w = x.stride()
-        # Windows as a view of any layout: (N, H_out, W_out, C, kh, kw).
-        windows = x.as_strided(
-            (n, h_out, w_out, c, kh, kw),
-            (stride_n, stride_h * sh, stride_w * sw, stride_c, stride_h, stride_w),
-        )
-        out, argmax = windows.reshape(n, h_out, w_out, c, kh * kw).max(dim=-1)
-        self.cache = (x.shape, argmax)
-        return out.permute(0, 3, 1, 2)
+        taps = self._taps(x, h_out, w_out)
+        out = taps[0].clone()
+        for tap in taps[1:]:
+            torch.maximum(out, tap, out=out)
+        self.cache = (x, out)
+        return out
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
-        (n, c, h, w), argmax = self.cache
+        x, out = self.cache
+        _, _, h_out, w_out = out.shape
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        _, _, h_out, w_out = grad_out.shape
-        grad_nhwc = grad_out.permute(0, 2, 3, 1)
-        grad_windows = grad_out.new_zeros((n, h_out, w_out, c, kh * kw))
-        grad_windows.scatter_(-1, argmax.unsqueeze(-1), grad_nhwc.unsqueeze(-1))
-        grad_windows = grad_windows.view(n, h_out, w_out, c, kh, kw)
-        if (kh, kw) == (sh, sw) and (h_out * kh, w_out * kw) == (h, w):
-            # Windows tile the input exactly: un-windowing is a reshape, no adds.
-            grad_in = grad_windows.permute(0, 1, 4, 2, 5, 3).reshape(n, h, w, c)
-        else:
-            grad_in = grad_out.new_zeros((n, h, w, c))
-            for i in range(kh):
-                for j in range(kw):
-                    grad_in[
-                        :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
-                    ] += grad_windows[..., i, j]
-        return grad_in.permute(0, 3, 1, 2)
+        # When the windows tile the input exactly, every input element is written once below,
+        # so the buffer needs no zeroing; otherwise overlaps add up and gaps stay zero.
+        tiles_exactly = (kh, kw) == (sh, sw) and (h_out * kh, w_out * kw) == tuple(x.shape[2:])
+        grad_in = torch.empty_like(x) if tiles_exactly else torch.zeros_like(x)
+        grad_out = torch.empty_like(out).copy_(grad_out)  # the layout of `out`, for fast loops
+        taps = self._taps(x, h_out, w_out)
+        unclaimed = None  # 1 where no earlier tap of the window has taken the gradient
+        for index, (tap, grad_tap) in enumerate(zip(taps, self._taps(grad_in, h_out, w_out))):
+            if index == len(taps) - 1 and unclaimed is not None:
+                is_max = unclaimed  # the last tap takes whatever is left
+            else:
+                is_max = torch.eq(tap, out, out=torch.empty_like(out))
+                if unclaimed is None:
+                    unclaimed = 1.0 - is_max
+                else:
+                    is_max.mul_(unclaimed)
+                    unclaimed.sub_(is_max)
+            if tiles_exactly:
+                torch.mul(grad_out, is_max, out=grad_tap)
+            else:
+                grad_tap.addcmul_(grad_out, is_max)
+        return grad_in
 
 
 class ReLU:
@@ -437,8 +486,10 @@ class ReLU:
         return out
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
-        # The derivative at exactly 0 is taken as 0, as torch does.
-        return grad_out * (self.cache > 0)
+        # The derivative at 0 is taken as 0, as torch does. A float 0/1 mask multiplies much
+        # faster than a bool one on the CPU.
+        mask = torch.gt(self.cache, 0, out=torch.empty_like(self.cache))
+        return mask.mul_(grad_out)
 
 
 class Flatten:
@@ -796,6 +847,11 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
+            # mkstemp creates the file private (0600); give it the mode a plain open() would,
+            # so results on shared storage stay readable by the group as the umask allows.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(handle.fileno(), 0o666 & ~umask)
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
@@ -848,7 +904,8 @@ def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
         run_dir.mkdir(parents=True)
     except OSError as error:
         raise UserError(
-            f"cannot create the results folder {run_dir}: {error.strerror}; pass a writable --output-dir"
+            f"cannot create the results folder {run_dir}: {error.strerror}; "
+            "pass a writable --output-dir"
         ) from None
     return run_dir
 
@@ -866,13 +923,22 @@ def find_resume_checkpoint(
             path = path / checkpoint_name
         if not path.is_file():
             raise UserError(
-                f"--resume {resume}: no checkpoint file there; pass a {checkpoint_name} path or 'auto'"
+                f"--resume {resume}: no checkpoint file there; "
+                f"pass a {checkpoint_name} path or 'auto'"
             )
         return path
     job = os.environ.get("SLURM_JOB_ID")
-    pattern = f"{prefix}_*_{job}*/{checkpoint_name}" if job else f"{prefix}_*/{checkpoint_name}"
-    candidates = sorted(Path(output_dir).glob(pattern), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    candidates = Path(output_dir).glob(f"{prefix}_*/{checkpoint_name}")
+    if job:
+        # make_run_dir names this job's folders "<prefix>_<stamp>_<job>", or "..._<job>-<n>" on
+        # a name clash; a glob "_<job>*" would also match other jobs (job 12 matching 123).
+        candidates = [
+            path
+            for path in candidates
+            if path.parent.name.endswith(f"_{job}")
+            or path.parent.name.rpartition("-")[0].endswith(f"_{job}")
+        ]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def capture_rng_state() -> dict:
@@ -1003,7 +1069,8 @@ def merge_resumed_args(
             flag = "--" + name.replace("_", "-")
             raise UserError(
                 f"{flag} {given} contradicts the checkpoint being resumed, which was made with "
-                f"{flag} {recorded}; resume with the same arguments, or start a new run without --resume"
+                f"{flag} {recorded}; resume with the same arguments, or start a new run "
+                "without --resume"
             )
         setattr(args, name, recorded)
 

@@ -1,0 +1,235 @@
+# shellcheck shell=bash
+# The body shared by run_cnn.sbatch and run_resnet.sbatch, sourced by both (not run on its own).
+# One helper instead of two copies: the requeue/signal logic is the delicate part, and two
+# copies of it would drift apart. Each .sbatch file keeps its own #SBATCH header and calls
+#     slurm_run_training <run prefix> <script.py> "$@"
+#
+# What a job does: cd to the repository, `git pull --ff-only` (first start only), log the commit
+# and an environment summary, then run the script -- inside the container, or on the host's
+# .venv with CONTAINER=none -- in the background, so that the USR1 which SLURM sends ahead of
+# the time limit (`--signal=B:USR1@<lead>`) reaches the trap at once. The trap forwards it to
+# Python, which checkpoints and exits 75; the job then requeues itself and the restarted job
+# (same job id, SLURM_RESTART_COUNT + 1) continues from that checkpoint with `--resume auto`.
+#
+# Knobs (environment variables; sbatch passes your environment to the job):
+#   CONTAINER     image to run in (default <repo>/container.sif); `none` runs on the host's .venv
+#   GIT_PULL      0 skips the `git pull --ff-only` at the start (default 1)
+#   MAX_REQUEUES  how many times a job may requeue itself (default 3); beyond it, it stops
+#   REPO_DIR      the repository (default: the submission directory, SLURM_SUBMIT_DIR)
+#   DATA_DIR, RESULTS_DIR, TORCH_HOME   see ./setup_env.sh --help; bound into the container
+
+readonly RESUMABLE_EXIT_CODE=75 # the scripts' "stopped by a signal after a checkpoint" code
+
+slurm_log() { printf '[%s] %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*"; }
+# Warnings and errors go to both logs: the .err file, and the .out file where the story is told.
+slurm_warn() {
+    slurm_log "WARNING: $*"
+    slurm_log "WARNING: $*" >&2
+}
+slurm_error() {
+    slurm_log "ERROR: $*"
+    slurm_log "ERROR: $*" >&2
+}
+
+# git pull --ff-only unless GIT_PULL=0 or this is a restart (a resumed run keeps its code);
+# a failed pull warns and goes on with the checked-out code. Then logs the commit that runs.
+_slurm_update_code() {
+    local restarts=$1 commit dirty=""
+    if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        slurm_warn "$PWD is not a git checkout: no pull, no commit to log"
+        return 0
+    fi
+    if [[ ${GIT_PULL:-1} == 0 ]]; then
+        slurm_log "git pull skipped (GIT_PULL=0)"
+    elif ((restarts > 0)); then
+        slurm_log "git pull skipped: restart $restarts resumes with the code of the first start"
+    elif ! GIT_TERMINAL_PROMPT=0 timeout 120 git pull --ff-only --quiet </dev/null; then
+        slurm_warn "git pull --ff-only failed (no network on this node, or local changes);" \
+            "running the checked-out code"
+    fi
+    commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    [[ -z $(git status --porcelain --untracked-files=no 2>/dev/null) ]] || dirty=" (+ uncommitted changes)"
+    slurm_log "code: commit $commit$dirty ($(git log -1 --format='%cd, %s' --date=short 2>/dev/null || true))"
+}
+
+_slurm_summary() {
+    local restarts=$1
+    slurm_log "job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-no name}) on $(hostname)," \
+        "restart $restarts of at most ${MAX_REQUEUES:-3}, partition ${SLURM_JOB_PARTITION:-none}," \
+        "${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-?}} CPUs, GPUs: ${CUDA_VISIBLE_DEVICES:-none}"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1 |
+            while read -r line; do slurm_log "gpu: $line"; done || true
+    else
+        slurm_log "gpu: nvidia-smi not found on this node"
+    fi
+}
+
+# Sets the array TRAIN_COMMAND: how to start Python here (container or host .venv), without the
+# script and its arguments. Binds the repository, DATA_DIR, RESULTS_DIR, TORCH_HOME and any
+# --data-dir/--output-dir given as arguments.
+_slurm_prepare_command() {
+    local image=${CONTAINER:-$REPO_DIR/container.sif} runtime="" path arg previous=""
+    if [[ $image == none ]]; then
+        slurm_log "environment: host (CONTAINER=none), $REPO_DIR/setup_env.sh"
+        _slurm_source_setup_env || return 1
+        TRAIN_COMMAND=(python)
+        slurm_log "python: $(command -v python), $(python --version 2>&1)"
+        return 0
+    fi
+    if [[ ! -f $image ]]; then
+        slurm_error "container image $image not found: build it (README, 'Running on a SLURM" \
+            "cluster'), point CONTAINER=/path/to/image.sif at it, or run on the host's .venv" \
+            "with CONTAINER=none"
+        return 1
+    fi
+    if command -v apptainer >/dev/null; then
+        runtime=apptainer
+    elif command -v singularity >/dev/null; then
+        runtime=singularity
+    else
+        slurm_error "neither apptainer nor singularity is on PATH (try 'module load apptainer')," \
+            "or run on the host's .venv with CONTAINER=none"
+        return 1
+    fi
+    _slurm_source_setup_env --env-only || return 1
+    local binds=("$REPO_DIR")
+    for path in "$DATA_DIR" "$RESULTS_DIR" "$TORCH_HOME"; do
+        binds+=("$path")
+    done
+    for arg in "$@"; do
+        case $previous in --data-dir | --output-dir) binds+=("$arg") ;; esac
+        case $arg in --data-dir=* | --output-dir=*) binds+=("${arg#*=}") ;; esac
+        previous=$arg
+    done
+    local spec="" real
+    for path in "${binds[@]}"; do
+        mkdir -p "$path" 2>/dev/null || true
+        real=$(cd "$path" 2>/dev/null && pwd -P) || continue
+        [[ ,$spec, == *,$real,* ]] || spec+="${spec:+,}$real"
+    done
+    slurm_log "environment: $runtime $(${runtime} --version 2>/dev/null | head -n 1), image $image, binds $spec"
+    # Inside: setup_env.sh makes (once) .venv-container on top of the image's PyTorch and
+    # activates it; exec hands the process over to Python, so forwarded signals reach it.
+    # shellcheck disable=SC2016 # $1 and $@ are expanded by the inner bash, on purpose
+    TRAIN_COMMAND=("$runtime" exec --nv --bind "$spec" --pwd "$REPO_DIR" "$image"
+        bash -c 'source "$1/setup_env.sh" || exit 1; shift; exec python "$@"' bash "$REPO_DIR")
+}
+
+# A function of its own so that the sourced script sees only the arguments given here, not the
+# job's (sourcing without arguments would hand it the caller's "$@").
+_slurm_source_setup_env() {
+    # shellcheck source=setup_env.sh
+    source "$REPO_DIR/setup_env.sh" "$@" || {
+        slurm_error "$REPO_DIR/setup_env.sh failed (see above)"
+        return 1
+    }
+}
+
+_SLURM_CHILD=""
+_SLURM_SIGNALS=""  # signals received, e.g. " USR1"
+_SLURM_PENDING=0   # a signal arrived while `wait` was waiting
+
+_slurm_on_signal() {
+    local signal=$1
+    _SLURM_SIGNALS+=" $signal"
+    _SLURM_PENDING=1
+    if [[ -n $_SLURM_CHILD ]]; then
+        slurm_log "received SIG$signal: forwarding it to the training process (PID $_SLURM_CHILD)"
+        kill -s "$signal" "$_SLURM_CHILD" 2>/dev/null || true
+    else
+        slurm_log "received SIG$signal before training started"
+    fi
+}
+
+# Requeue this job when allowed (at most MAX_REQUEUES times); returns 1 when it was not.
+_slurm_requeue() {
+    local restarts=$1 max=${MAX_REQUEUES:-3} run_glob=$2
+    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+        slurm_log "not under SLURM: rerun the same command to continue (--resume auto)"
+        return 1
+    fi
+    if ((restarts >= max)); then
+        slurm_warn "not requeueing: this job has already been requeued $restarts times" \
+            "(MAX_REQUEUES=$max). Continue it with a new job: sbatch $JOB_SCRIPT_NAME --resume $run_glob"
+        return 1
+    fi
+    slurm_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max);" \
+        "it will continue from the checkpoint with --resume auto"
+    trap - USR1 TERM
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        slurm_error "scontrol requeue $SLURM_JOB_ID failed; continue with a new job:" \
+            "sbatch $JOB_SCRIPT_NAME --resume $run_glob"
+        return 1
+    fi
+    return 0
+}
+
+# slurm_run_training PREFIX SCRIPT [ARGS...]: the whole job. PREFIX names the script's run
+# folders (<RESULTS_DIR>/<PREFIX>_<stamp>_<job id>). Exits with the script's code (0 done; a
+# requeued job ends with 0 here and carries on in its next start).
+slurm_run_training() {
+    local prefix=$1 script=$2
+    shift 2
+    local restarts=${SLURM_RESTART_COUNT:-0}
+    JOB_SCRIPT_NAME=${JOB_SCRIPT_NAME:-run_${prefix}.sbatch}
+    slurm_log "=== $JOB_SCRIPT_NAME: start $((restarts + 1)) (SLURM_RESTART_COUNT=$restarts) ==="
+    if [[ ! -f $REPO_DIR/$script ]]; then
+        slurm_error "$REPO_DIR has no $script: submit from the repository root, or set REPO_DIR"
+        exit 1
+    fi
+    cd "$REPO_DIR" || exit 1
+    _slurm_update_code "$restarts"
+    _slurm_summary "$restarts"
+
+    # --resume auto continues this job's newest checkpoint (none yet: a new run). An explicit
+    # --resume from the user is kept as is: its run folder is the one being continued.
+    local args=("$@") arg resume=(--resume auto)
+    for arg in "${args[@]}"; do
+        [[ $arg == --resume || $arg == --resume=* ]] && resume=()
+    done
+
+    trap '_slurm_on_signal USR1' USR1
+    trap '_slurm_on_signal TERM' TERM
+    TRAIN_COMMAND=()
+    _slurm_prepare_command "${args[@]}" || exit 1
+    slurm_log "running: ${TRAIN_COMMAND[*]} $script ${args[*]} ${resume[*]}"
+    "${TRAIN_COMMAND[@]}" "$script" "${args[@]}" "${resume[@]}" &
+    _SLURM_CHILD=$!
+    # `wait` returns early (status > 128) when a trapped signal arrives; the trap has forwarded
+    # it, so wait again until the process has really exited.
+    local rc
+    while :; do
+        _SLURM_PENDING=0
+        rc=0
+        wait "$_SLURM_CHILD" || rc=$?
+        ((rc > 128 && _SLURM_PENDING)) || break
+    done
+    _SLURM_CHILD=""
+
+    local run_glob="${RESULTS_DIR:-results}/${prefix}_*_${SLURM_JOB_ID:-<job id>}"
+    if ((rc == 0)); then
+        slurm_log "=== $script finished (exit 0); results in $run_glob ==="
+        exit 0
+    fi
+    # Resumable: exit 75 after a checkpoint, or (USR1 before Python had set its handlers up)
+    # killed by the forwarded signal itself. Requeue only when the stop came from USR1 (time
+    # limit ahead, or `scancel --batch --signal=USR1`); SIGTERM means scancel, the hard time
+    # limit or preemption, and the job must end (its checkpoint is kept).
+    if [[ $_SLURM_SIGNALS == *USR1* && $_SLURM_SIGNALS != *TERM* ]] &&
+        ((rc == RESUMABLE_EXIT_CODE || rc == 128 + 10)); then
+        slurm_log "$script stopped after SIGUSR1 (exit $rc): checkpoint written"
+        if _slurm_requeue "$restarts" "$run_glob"; then
+            exit 0
+        fi
+        exit "$RESUMABLE_EXIT_CODE"
+    fi
+    if ((rc == RESUMABLE_EXIT_CODE)); then
+        slurm_warn "$script stopped by${_SLURM_SIGNALS:- a signal} (exit 75) after writing a" \
+            "checkpoint; not requeued. Continue with: sbatch $JOB_SCRIPT_NAME --resume $run_glob"
+        exit "$rc"
+    fi
+    slurm_error "$script FAILED with exit code $rc${_SLURM_SIGNALS:+ (signals:$_SLURM_SIGNALS)};" \
+        "not requeued; its error message is in the job's .err log."
+    exit "$rc"
+}
