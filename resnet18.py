@@ -23,10 +23,25 @@ Run:
     python resnet18.py --resume auto                            # continue the newest run
     sbatch run_resnet.sbatch                                    # the same on a SLURM cluster
 
-Measured (2-core AMD EPYC, no GPU, synthetic EMNIST-shaped data; bench/ scripts):
-    MEASURED_PLACEHOLDER
-Not yet measured: the full-scale GPU run (`python bench/resnet_full_gpu.py`) and any EMNIST
-accuracy; no EMNIST figure is claimed here.
+Measured on a 2-core AMD EPYC, no GPU (shared with other jobs; one torch thread), synthetic
+EMNIST-shaped data:
+
+    python bench/resnet_pipeline.py      on-device batches at 96 px: 49,025 images/s against
+                                         2,677 for torchvision's DataLoader (PIL Resize,
+                                         Grayscale(3), ToTensor, Normalize, 2 workers): 18.3x
+                                         (8.8x at 64 px, 19.3x at 96, 20.1x at 112 on 8,192
+                                         images: why the default --img-size is 96)
+    python bench/linear_probe_cache.py   cached features against the frozen backbone every
+                                         epoch (512 images, 96 px, 15 epochs): 12.8x and 13.0x
+                                         in two runs, identical fc weights at the end
+    python bench/resnet_optimizer_proxy.py   AdamW against SGD-Nesterov at the seed's lrs on
+                                         scikit-learn's handwritten digits (a proxy, random
+                                         backbone): training loss 0.385 vs 0.696 (probe, 15
+                                         epochs), 0.014 vs 0.306 (partial unfreeze, 4 epochs)
+
+Not yet measured: the full-scale GPU run (`python bench/resnet_full_gpu.py`: both regimes on
+697,932 + 116,323 images; goals <= 15 minutes on one H100 and >= 88% partial-unfreeze test
+accuracy) and any EMNIST accuracy; no EMNIST figure is claimed here.
 
 Exit codes: 0 done; 2 bad input (the message says what to fix); 3 the loss diverged (NaN/inf;
 the last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
@@ -73,7 +88,7 @@ NUM_CLASSES = len(EMNIST_BYCLASS_CHARS)
 # is what makes summing conv1 over RGB exactly equal to repeating the grey channel.
 GREY_MEAN = (0.485 + 0.456 + 0.406) / 3
 GREY_STD = (0.229 + 0.224 + 0.225) / 3
-DEFAULT_IMG_SIZE = 64
+DEFAULT_IMG_SIZE = 96
 FEATURE_DIM = 512
 EVAL_BATCH_SIZE = 1024
 MOST_CONFUSED_PAIRS = 30
@@ -1334,6 +1349,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # Signals are caught from the start: one that arrives while the data load does not kill
+    # the job; the regime loop sees it before the next regime and exits resumable.
+    with StopSignal() as stop:
+        return train_and_report(args, parser, stop)
+
+
+def train_and_report(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, stop: StopSignal
+) -> int:
     validate_args(args)
     device = select_device(args.device)
     run_dir = None
@@ -1381,31 +1405,30 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     log(f"run folder: {run_dir}")
 
     results = {}
-    with StopSignal() as stop:
-        for regime in regimes:
-            if stop.received:
-                outcome, metrics = "stopped", None
-            else:
-                outcome, metrics = run_regime(
-                    args, regime, settings[regime], data, device, precision, run_dir, stop
-                )
-            if outcome == "diverged":
-                print(
-                    f"error: the {regime} training loss became NaN/inf; the last good "
-                    f"checkpoint (if any epoch finished) is kept in {run_dir / regime}. Lower "
-                    f"--lr (now {settings[regime]['lr']}) or raise --warmup-epochs.",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return DIVERGED_EXIT_CODE
-            if outcome == "stopped":
-                log(
-                    f"stopped by {stop.received} during {regime}: checkpoint in "
-                    f"{run_dir / regime}; continue with --resume auto (or --resume {run_dir})"
-                )
-                log(f"results: {run_dir}")
-                return RESUMABLE_EXIT_CODE
-            results[regime] = metrics
+    for regime in regimes:
+        if stop.received:
+            outcome, metrics = "stopped", None
+        else:
+            outcome, metrics = run_regime(
+                args, regime, settings[regime], data, device, precision, run_dir, stop
+            )
+        if outcome == "diverged":
+            print(
+                f"error: the {regime} training loss became NaN/inf; the last good "
+                f"checkpoint (if any epoch finished) is kept in {run_dir / regime}. Lower "
+                f"--lr (now {settings[regime]['lr']}) or raise --warmup-epochs.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return DIVERGED_EXIT_CODE
+        if outcome == "stopped":
+            log(
+                f"stopped by {stop.received} during {regime}: checkpoint in "
+                f"{run_dir / regime}; continue with --resume auto (or --resume {run_dir})"
+            )
+            log(f"results: {run_dir}")
+            return RESUMABLE_EXIT_CODE
+        results[regime] = metrics
     if len(results) > 1:
         write_comparison(run_dir, results)
         log(
@@ -1445,8 +1468,13 @@ def run_regime(
     model = model.to(device, memory_format=memory_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable)
+    # The fused kernel updates all tensors in one pass: 5.6x faster than the default on this
+    # 2-core CPU for layer4's 8.4M parameters (0.008 s vs 0.045 s a step), and GPUs gain too.
     optimizer = torch.optim.AdamW(
-        trainable, lr=settings["lr"], weight_decay=settings["weight_decay"]
+        trainable,
+        lr=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        fused=device.type in ("cpu", "cuda"),
     )
     steps_per_epoch = math.ceil(len(data["train"][1]) / args.batch_size)
     schedule = WarmupCosine(

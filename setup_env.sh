@@ -208,10 +208,11 @@ def emnist(data_dir: Path) -> bool:
     from torchvision.datasets import EMNIST
 
     raw = data_dir / "EMNIST" / "raw"
+    kinds = {True: "images-idx3", False: "labels-idx1"}
     files = {
-        (split, image): raw / f"emnist-byclass-{split}-{'images-idx3' if image else 'labels-idx1'}-ubyte"
+        (split, image): raw / f"emnist-byclass-{split}-{kind}-ubyte"
         for split in EMNIST_BYCLASS_COUNTS
-        for image in (True, False)
+        for image, kind in kinds.items()
     }
     archive = raw / "gzip.zip"
 

@@ -111,9 +111,11 @@ _slurm_prepare_command() {
     slurm_log "environment: $runtime $(${runtime} --version 2>/dev/null | head -n 1), image $image, binds $spec"
     # Inside: setup_env.sh makes (once) .venv-container on top of the image's PyTorch and
     # activates it; exec hands the process over to Python, so forwarded signals reach it.
+    # (`--` keeps setup_env.sh from seeing the script's arguments as its own.)
     # shellcheck disable=SC2016 # $1 and $@ are expanded by the inner bash, on purpose
     TRAIN_COMMAND=("$runtime" exec --nv --bind "$spec" --pwd "$REPO_DIR" "$image"
-        bash -c 'source "$1/setup_env.sh" || exit 1; shift; exec python "$@"' bash "$REPO_DIR")
+        bash -c 'repo=$1; shift; source "$repo/setup_env.sh" -- || exit 1; exec python "$@"'
+        bash "$REPO_DIR")
 }
 
 # A function of its own so that the sourced script sees only the arguments given here, not the

@@ -37,7 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=640)
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs for the accuracy run (0: skip)")
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="epochs for the accuracy run (0: skip)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -129,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # Throughput: fresh trainers, interleaved timed repeats of `steps` steps each.
-    trainers = {kind: Trainer(kind, args, device, steps_per_epoch) for kind in ("scratch", "torch.nn")}
+    trainers = {
+        kind: Trainer(kind, args, device, steps_per_epoch) for kind in ("scratch", "torch.nn")
+    }
     generator = torch.Generator().manual_seed(args.seed)
-    batches = list(torch.randperm(len(train_x), generator=generator).to(device).split(args.batch_size))
+    batches = list(
+        torch.randperm(len(train_x), generator=generator).to(device).split(args.batch_size)
+    )
     batches = [b for b in batches if len(b) == args.batch_size]
     seconds = {kind: [] for kind in trainers}
     for repeat in range(args.repeats + 1):  # repeat 0 is warmup
@@ -154,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(kind, args, device, steps_per_epoch)
             for epoch in range(args.epochs):
                 generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
-                for index in scratch.iterate_batches(len(train_x), args.batch_size, generator, device):
+                for index in scratch.iterate_batches(
+                    len(train_x), args.batch_size, generator, device
+                ):
                     trainer.step(train_x[index], train_y[index])
             accuracy[kind] = trainer.test_accuracy(test_x, test_y)
 

@@ -187,7 +187,9 @@ def directional_derivative(forward, x: torch.Tensor, direction: torch.Tensor, we
 def test_input_gradients_against_finite_differences(layer):
     torch.manual_seed(7)
     module = layer()
-    x = torch.randperm(2 * 3 * 7 * 8, dtype=F64).view(2, 3, 7, 8) / 50.0 - 1.505  # never exactly 0 (the ReLU kink)
+    x = (
+        torch.randperm(2 * 3 * 7 * 8, dtype=F64).view(2, 3, 7, 8) / 50.0 - 1.505
+    )  # never exactly 0 (the ReLU kink)
     if isinstance(module, cnn.Conv2D):
         x = x[:, : module.in_channels].contiguous()
     weights = torch.randn_like(module.forward(x))

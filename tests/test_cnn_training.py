@@ -176,9 +176,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
     monkeypatch.setattr(cnn.SoftmaxCrossEntropy, "forward", forward)
     assert cnn.main(small_run_args(mnist_dir, tmp_path)) == cnn.DIVERGED_EXIT_CODE
     assert "became NaN/inf in epoch 2" in capsys.readouterr().err
-    checkpoint = torch.load(
-        only_run_dir(tmp_path) / "checkpoint_last.pt", weights_only=False
-    )
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoint_last.pt", weights_only=False)
     assert checkpoint["state"]["epoch"] == 1 and checkpoint["state"]["step_in_epoch"] == 0
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
 
@@ -259,7 +257,9 @@ def test_one_epoch_on_real_mnist_reaches_97_percent(tmp_path):
     args = ["--data-dir", str(real_mnist_root()), "--output-dir", str(tmp_path)]
     assert cnn.main([*args, "--epochs", "1", "--device", "cpu"]) == 0
     metrics = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
-    print(f"real MNIST, 1 epoch: {100 * metrics['test_accuracy']:.2f}% "
-          f"in {time.perf_counter() - started:.0f}s")
+    print(
+        f"real MNIST, 1 epoch: {100 * metrics['test_accuracy']:.2f}% "
+        f"in {time.perf_counter() - started:.0f}s"
+    )
     assert metrics["test_accuracy"] >= 0.97
     assert sum(map(sum, metrics["confusion_matrix"])) == 10_000

@@ -126,6 +126,15 @@ def standin_weights(tmp_path_factory) -> dict:
     return {"torch_home": torch_home, "state": state}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """The CPU is shared; one thread avoids oversubscription stalls on these tiny workloads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def offline_environment(monkeypatch, standin_weights):
     monkeypatch.setenv("TORCH_HOME", str(standin_weights["torch_home"]))
@@ -585,7 +594,12 @@ def test_resume_after_interruptions_is_bit_identical(reference_run, emnist, tmp_
 
 
 def test_real_sigterm_checkpoints_and_exits_resumable(emnist, tmp_path, standin_weights):
-    env = {**os.environ, "TORCH_HOME": str(standin_weights["torch_home"]), "MPLBACKEND": "Agg"}
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(standin_weights["torch_home"]),
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("SLURM_JOB_ID", None)
     command = [
         sys.executable,
@@ -625,6 +639,21 @@ def test_real_sigterm_checkpoints_and_exits_resumable(emnist, tmp_path, standin_
     assert 1 <= checkpoint["state"]["epoch"] < 200
     assert not (run_dir / "partial_unfreeze" / "metrics.json").exists()
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_signal_during_the_data_load_exits_resumable(emnist, tmp_path, monkeypatch):
+    original = resnet18.prepare_data
+
+    def prepare_then_signal(args, device):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return original(args, device)
+
+    monkeypatch.setattr(resnet18, "prepare_data", prepare_then_signal)
+    argv = [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(tmp_path)]
+    code, stdout, _ = run_main(argv)
+    assert code == resnet18.RESUMABLE_EXIT_CODE and "stopped by SIGUSR1" in stdout
+    run_dir = results_folder(stdout)
+    assert (run_dir / "config.json").is_file() and not (run_dir / "linear_probe").exists()
 
 
 def test_nan_loss_exits_3_and_keeps_the_last_good_checkpoint(emnist, tmp_path, monkeypatch):
