@@ -13,7 +13,7 @@ feature vector is 16 * 7 * 7 = 784, as the architecture requires; 3x3 rather tha
 costs 2.8x fewer multiply-adds for the same receptive field after two stages.
 
 Run (defaults are the reported run: 5 epochs, batch 640, SGD with Nesterov momentum 0.9,
-lr 0.2 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
+lr 0.1 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
 
     python cnn_from_scratch.py --data-dir ../shared/data
     python cnn_from_scratch.py --resume auto          # continue the newest interrupted run
@@ -89,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=5, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=640, help="training batch size")
-    parser.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     parser.add_argument(

@@ -23,6 +23,21 @@ Run:
     python resnet18.py --resume auto                            # continue the newest run
     sbatch run_resnet.sbatch                                    # the same on a SLURM cluster
 
+Several processes, through PyTorch's DistributedDataParallel (NCCL on CUDA, one GPU per process
+chosen by local rank; gloo on the CPU), launched by torchrun or srun:
+
+    torchrun --standalone --nproc-per-node=4 resnet18.py       # 4 GPUs of one machine
+    sbatch --nodes=2 --gpus-per-node=4 run_resnet.sbatch        # 2 nodes: srun + torchrun each
+    sbatch --ntasks=2 run_resnet.sbatch                         # srun, one task per process
+
+--batch-size is per process (the global batch is that times the processes; --lr-scaling says
+how the learning rate follows it, default unchanged). Every rank holds the uint8 data and takes
+every world_size-th index of each global batch of one seeded permutation; features (linear
+probe) and evaluations are sharded and gathered/all-reduced exactly; rank 0 alone prints and
+writes; a signal to any rank stops all after the same step, and the run resumes only with the
+same number of processes. On CUDA layer4's BatchNorms become SyncBatchNorm (global-batch
+statistics); on the CPU PyTorch has none, so they normalise each process's share.
+
 Measured on a 2-core AMD EPYC, no GPU (shared with other jobs; one torch thread), synthetic
 EMNIST-shaped data:
 
@@ -43,15 +58,19 @@ Not yet measured: the full-scale GPU run (`python bench/resnet_full_gpu.py`: bot
 697,932 + 116,323 images; goals <= 15 minutes on one H100 and >= 88% partial-unfreeze test
 accuracy) and any EMNIST accuracy; no EMNIST figure is claimed here.
 
-Exit codes: 0 done; 2 bad input (the message says what to fix); 3 the loss diverged (NaN/inf;
-the last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
-rerun with `--resume auto` to continue exactly where it stopped (a finished regime is not redone).
+Exit codes: 0 done; 1 another process of a distributed job died or hung (or this one failed);
+2 bad input (the message says what to fix); 3 the loss diverged (NaN/inf; the last good
+checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint: rerun with
+`--resume auto` to continue exactly where it stopped (a finished regime is not redone).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import datetime
+import inspect
 import io
 import json
 import math
@@ -101,6 +120,11 @@ MOST_CONFUSED_COLUMNS = (
     "share_of_true_class",
 )
 FINITE_CHECK_INTERVAL = 50  # steps between loss checks (each check waits for the GPU)
+# Several processes (DDP): the global batch is --batch-size x processes, and --lr-scaling
+# relates the learning rate to it; the regimes' default learning rates were set at this batch.
+LR_REFERENCE_BATCH = 512
+LR_SCALING_RULES = ("none", "sqrt", "linear")
+DIST_FAILURE_EXIT_CODE = 1  # another process of a distributed job died or hung
 
 REGIMES = ("linear_probe", "partial_unfreeze")
 TRAINABLE_PREFIXES = {"linear_probe": ("fc.",), "partial_unfreeze": ("layer4.", "fc.")}
@@ -127,6 +151,7 @@ RUN_DEFINING_ARGS = (
     "val_fraction",
     "seed",
     "weights",
+    "lr_scaling",
 )
 METRIC_KEYS = (
     "test_accuracy",
@@ -213,7 +238,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="early stopping: the smallest validation-accuracy gain (a fraction: 0.001 = 0.1 "
         "points) that counts as an improvement",
     )
-    parser.add_argument("--batch-size", type=int, default=512, help="training batch size")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=512,
+        help="training batch size of each process (the global batch is this times the number "
+        "of processes of a torchrun/srun launch)",
+    )
     parser.add_argument(
         "--img-size",
         type=int,
@@ -264,6 +295,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--no-download",
         action="store_true",
         help="never use the network: missing data or weights are an error at once",
+    )
+    parser.add_argument(
+        "--lr-scaling",
+        default="none",
+        choices=LR_SCALING_RULES,
+        help="how the learning rate follows the global batch (--batch-size x processes) "
+        f"relative to {LR_REFERENCE_BATCH}, the batch the defaults were set for: none keeps it, "
+        "sqrt multiplies it by sqrt(global/512), linear by global/512",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=900,
+        help="several processes (torchrun/srun): seconds a process waits for the others at a "
+        "collective before it gives up with an error. A process that dies is noticed at once "
+        "(its connections close; torchrun and srun --kill-on-bad-exit end the rest); this "
+        "limit catches one that hangs",
     )
     parser.add_argument(
         "--resume",
@@ -378,6 +426,246 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a launch: `launcher` is "none" (plain python), "torchrun"
+    (or another launcher that sets RANK/WORLD_SIZE, "env") or "srun" (one task per process)."""
+
+    launcher: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def detect_launch(environ=None) -> Launch:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+    in an srun step (SLURM_STEP_ID) when MASTER_ADDR and MASTER_PORT say where rank 0 listens;
+    else one plain process.
+
+    SLURM's task variables alone are not a launch: a batch script runs with SLURM_PROCID=0 and
+    SLURM_NTASKS=N before any srun (and no SLURM_STEP_ID), and must stay one process.
+    """
+    env = os.environ if environ is None else environ
+
+    def number(name: str, default: int | None = None) -> int:
+        if name not in env and default is not None:
+            return default
+        try:
+            return int(env[name])
+        except ValueError:
+            raise UserError(f"{name}={env[name]!r} is not an integer") from None
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+        rank, world_size = number("RANK"), number("WORLD_SIZE")
+        local_rank = number("LOCAL_RANK", rank)
+    elif all(
+        name in env
+        for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
+    ):
+        launcher = "srun"
+        rank, world_size = number("SLURM_PROCID"), number("SLURM_NTASKS")
+        local_rank = number("SLURM_LOCALID", rank)
+    else:
+        return Launch()
+    if not 0 <= rank < world_size or not 0 <= local_rank < world_size:
+        raise UserError(f"{launcher} launch: rank {rank} (local {local_rank}) of {world_size}?")
+    if world_size > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        raise UserError(
+            f"RANK/WORLD_SIZE say process {rank} of {world_size}, but MASTER_ADDR/MASTER_PORT "
+            "(where rank 0 listens) are not set; launch with torchrun, which sets them"
+        )
+    return Launch(launcher, rank, world_size, local_rank)
+
+
+class PeerFailed(Exception):
+    """Another process of the job reported an error (it prints it); this one just stops."""
+
+
+class Distributed:
+    """This process's part in a DDP job, and the few collectives the script needs.
+
+    With one process (world_size 1: a plain `python resnet18.py`, or a launcher that started
+    only one) there is no process group and every method is a local no-op, so the single-process
+    path runs exactly as before. Rank 0 alone reads and writes the results folder; the others
+    get what it read (the run to resume, a checkpoint) by broadcast, so every rank starts from
+    the same bytes whether or not the nodes share a file system.
+    """
+
+    def __init__(self, launch: Launch):
+        self.launch = launch
+        self.rank, self.world_size, self.local_rank = (
+            launch.rank,
+            launch.world_size,
+            launch.local_rank,
+        )
+        self.enabled = launch.world_size > 1
+        self.is_main = launch.rank == 0
+        self.backend: str | None = None
+        self.device = torch.device("cpu")
+
+    def start(self, device: torch.device, timeout_s: float) -> torch.device:
+        """Join the process group: NCCL on CUDA (one GPU per process, by local rank), gloo on
+        the CPU. Returns the device this process computes on."""
+        if not self.enabled:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            count = torch.cuda.device_count()
+            if self.local_rank < count:
+                device = torch.device("cuda", self.local_rank)
+            elif count == 1:  # the launcher gave each process its own GPU (CUDA_VISIBLE_DEVICES)
+                device = torch.device("cuda", 0)
+            else:
+                raise UserError(
+                    f"local rank {self.local_rank} needs a GPU of its own but this node shows "
+                    f"{count}: start as many processes per node as it has GPUs"
+                )
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        elif device.type == "cpu":
+            backend = "gloo"
+        else:
+            raise UserError(f"several processes need CUDA (NCCL) or the CPU (gloo), not {device}")
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+        self.backend, self.device = backend, device
+        return device
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def describe(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "launcher": self.launch.launcher,
+            "backend": self.backend,
+        }
+
+    # Collectives: every rank must call each of them, in the same order.
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any."""
+        if not self.enabled:
+            return bool(flag)
+        import torch.distributed as dist
+
+        value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def all_sum(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor over the ranks, in place (exact for integer counts)."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+
+    def broadcast(self, payload):
+        """Rank 0's `payload` (any picklable object) on every rank."""
+        if not self.enabled:
+            return payload
+        import torch.distributed as dist
+
+        box = [payload if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank, so that the model is
+        the same everywhere before an evaluation that each rank runs on its own share."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def share(self, total: int) -> tuple[int, int]:
+        """This rank's contiguous block [start, stop) of `total` rows: ceil(total / world) rows
+        each, the last ranks fewer (possibly none), so the blocks tile 0..total exactly once."""
+        if not self.enabled:
+            return 0, total
+        per_rank = math.ceil(total / self.world_size)
+        return min(total, self.rank * per_rank), min(total, (self.rank + 1) * per_rank)
+
+    def gather_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """Every rank's `share(total)` block of rows, concatenated in rank order: the rows of
+        0..total in order, each once, on every rank."""
+        if not self.enabled:
+            return local
+        import torch.distributed as dist
+
+        per_rank = math.ceil(total / self.world_size)
+        padded = local.new_zeros((per_rank, *local.shape[1:]))
+        padded[: len(local)] = local
+        gathered = local.new_empty((per_rank * self.world_size, *local.shape[1:]))
+        # all_gather_single replaces all_gather_into_tensor (deprecated in torch 2.14).
+        gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+        gather(gathered, padded)
+        return gathered[:total]
+
+    def batch_share(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a global batch of row indices: every world_size-th, so the parts
+        differ in size by at most one and rank 0's is never empty."""
+        return index[self.rank :: self.world_size] if self.enabled else index
+
+    # Errors: a UserError on one rank must stop every rank, not leave the others waiting.
+
+    def from_main(self, compute):
+        """compute() on rank 0; its result, or its UserError, on every rank."""
+        if not self.enabled:
+            return compute()
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", compute())
+            except UserError as error:
+                outcome = ("error", str(error))
+        kind, value = self.broadcast(outcome)
+        if kind == "error":
+            if self.is_main:
+                raise UserError(value)
+            raise PeerFailed("rank 0 reported an error")
+        return value
+
+    def everywhere(self, compute, node_leader_first: bool = False):
+        """compute() on every rank; a UserError on any stops them all. With node_leader_first,
+        local rank 0 of each node runs it first (a download, say) and the others after it."""
+        if not self.enabled:
+            return compute()
+        result, error = None, None
+        turns = (True, False) if node_leader_first else (None,)
+        for leaders_turn in turns:
+            if leaders_turn is None or leaders_turn == (self.local_rank == 0):
+                try:
+                    result = compute()
+                except UserError as caught:
+                    error = caught
+            if self.any(error is not None):
+                if error is not None:
+                    raise error
+                raise PeerFailed("another process reported an error")
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,8 +1049,10 @@ class RegimeInputs:
     images preprocessed per batch to the whole network (partial_unfreeze).
 
     `splits` maps "train"/"val"/"test" to (inputs, labels) on the device: float32 features or
-    uint8 images. Everything indexes rows, so a distributed version can hand each rank its own
-    share of an index batch.
+    uint8 images. Everything indexes rows, so each rank of a distributed run takes its own share
+    of an index batch. `train_module`, when set, is what training steps call instead of the
+    model (or its fc): the DistributedDataParallel wrapper that all-reduces the gradients;
+    evaluation always calls the plain model, on each rank's own rows.
     """
 
     def __init__(
@@ -775,6 +1065,7 @@ class RegimeInputs:
     ):
         self.model, self.splits, self.cached_features = model, splits, cached_features
         self.img_size, self.channels_last = img_size, channels_last
+        self.train_module: nn.Module | None = None
 
     def batch(self, split: str, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = self.splits[split]
@@ -785,6 +1076,9 @@ class RegimeInputs:
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.model.fc(rows) if self.cached_features else self.model(rows)
+
+    def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.logits(rows) if self.train_module is None else self.train_module(rows)
 
     def size(self, split: str) -> int:
         return len(self.splits[split][1])
@@ -797,23 +1091,38 @@ def evaluate(
     precision: Precision,
     keep_scores: bool = False,
     batch_size: int = EVAL_BATCH_SIZE,
+    distributed: Distributed | None = None,
 ) -> dict:
-    """Summed loss, correct count and size of a split (exact sums: a distributed version
-    all-reduces them), plus the float32 class scores on the CPU when asked."""
+    """Summed loss, correct count and size of a split, plus the float32 class scores on the CPU
+    when asked. With several processes each evaluates its own block of rows and the exact sums
+    (float64 loss, int64 counts) are all-reduced, the scores gathered in row order: every row
+    counted once however unevenly the split divides."""
     inputs.model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.splits[split][1].device)
-    correct = torch.zeros((), dtype=torch.int64, device=loss_sum.device)
+    device = inputs.splits[split][1].device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     scores = []
-    for start in range(0, inputs.size(split), batch_size):
-        rows, labels = inputs.batch(split, slice(start, start + batch_size))
+    first, end = (
+        (0, inputs.size(split)) if distributed is None else distributed.share(inputs.size(split))
+    )
+    for start in range(first, end, batch_size):
+        rows, labels = inputs.batch(split, slice(start, min(start + batch_size, end)))
         with precision.autocast():
             logits = inputs.logits(rows)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         correct += (logits.argmax(dim=1) == labels).sum()
         if keep_scores:
-            scores.append(logits.cpu())
-    count = inputs.size(split)
+            scores.append(logits if distributed is not None else logits.cpu())
+    if distributed is None:
+        count = inputs.size(split)
+    else:
+        counted = torch.tensor(end - first, dtype=torch.int64, device=device)
+        distributed.all_sum(loss_sum, correct, counted)
+        count = int(counted)
+        if keep_scores:
+            local = torch.cat(scores) if scores else torch.zeros(0, NUM_CLASSES, device=device)
+            scores = [distributed.gather_rows(local, inputs.size(split)).cpu()]
     result = {
         "loss": float(loss_sum) / max(1, count),
         "accuracy": int(correct) / max(1, count),
@@ -855,6 +1164,49 @@ def update_early_stopping(
     return False
 
 
+class StepAgreement:
+    """After each training step: stop (a signal arrived) or give up (the loss is no longer
+    finite)? Decided identically on every process.
+
+    One process reads its own flags at once (the loss only every FINITE_CHECK_INTERVAL steps
+    and when stopping: each read waits for the GPU). Several processes all-reduce (MAX) both
+    flags of every step without waiting for the result and read it after the next step, so all
+    ranks stop after the same step -- a signal that reached only one rank included -- and the
+    device never idles for the vote.
+    """
+
+    def __init__(self, distributed: Distributed, device: torch.device):
+        self.distributed = distributed
+        self.pending = None
+        if distributed.enabled:
+            self.stop_values = torch.tensor([0, 1], dtype=torch.int32, device=device)
+
+    def after_step(
+        self, stop_requested: bool, loss_sum: torch.Tensor, check_loss: bool
+    ) -> tuple[bool, bool]:
+        """(stop, diverged): one process, for this step; several, for the step before."""
+        if not self.distributed.enabled:
+            return stop_requested, check_loss and not math.isfinite(float(loss_sum))
+        import torch.distributed as dist
+
+        decided = self.settle()
+        flags = torch.stack(
+            [self.stop_values[int(stop_requested)], (~torch.isfinite(loss_sum)).to(torch.int32)]
+        )
+        self.pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True))
+        return decided
+
+    def settle(self) -> tuple[bool, bool]:
+        """The outstanding vote's (stop, diverged), if any: call it when the loop ends."""
+        if self.pending is None:
+            return False, False
+        flags, work = self.pending
+        self.pending = None
+        work.wait()
+        stop, nonfinite = flags.tolist()
+        return bool(stop), bool(nonfinite)
+
+
 def train_regime(
     regime: str,
     inputs: RegimeInputs,
@@ -868,6 +1220,7 @@ def train_regime(
     save_checkpoint,
     stop: StopSignal,
     on_epoch_end,
+    distributed: Distributed | None = None,
 ) -> str:
     """Run (or continue) one regime's training from `state`; returns "done", "stopped" or
     "diverged".
@@ -875,13 +1228,22 @@ def train_regime(
     `state` holds the epoch, the step within it and the epoch's running sums, so a checkpoint
     written mid-epoch resumes bit-identically: the same permutation is drawn again and the
     finished steps are skipped.
+
+    With several processes, every rank draws the same permutation, cuts it into global batches
+    of --batch-size x world_size and takes every world_size-th index of each (uneven last batch
+    included), so an epoch covers every training image once across ranks. Each rank's loss is
+    weighted by its share of the global batch, so the gradients DDP averages are those of the
+    global batch's mean loss, as one process with that batch would compute. The running sums
+    live on rank 0 (the others count from zero) and are all-reduced at the end of the epoch.
     """
     from tqdm import tqdm
 
+    distributed = distributed or Distributed(Launch())
     model = inputs.model
     device = inputs.splits["train"][1].device
     early = state["early_stopping"]
     num_train = inputs.size("train")
+    global_batch = args.batch_size * distributed.world_size
     regime_number = REGIMES.index(regime)
     while state["epoch"] < settings["epochs"] and not early["stopped_early"]:
         epoch = state["epoch"]
@@ -892,57 +1254,73 @@ def train_regime(
         shuffle = torch.Generator().manual_seed(
             args.seed * 1_000_003 + regime_number * 10_007 + epoch + 1
         )
-        batches = iterate_batches(num_train, args.batch_size, shuffle, device)
+        batches = iterate_batches(num_train, global_batch, shuffle, device)
         sums = state["sums"]
         # Running sums stay on the device: reading them back each step would stall the GPU.
-        loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
-        correct = torch.tensor(sums["correct"], dtype=torch.int64, device=device)
+        carried = distributed.is_main  # rank 0 carries the sums of the steps already taken
+        loss_sum = torch.tensor(
+            sums["loss"] if carried else 0.0, dtype=torch.float64, device=device
+        )
+        correct = torch.tensor(sums["correct"] if carried else 0, dtype=torch.int64, device=device)
         progress = tqdm(
             total=len(batches),
             initial=state["step_in_epoch"],
             desc=f"{regime} {epoch + 1}/{settings['epochs']}",
-            disable=not sys.stderr.isatty(),
+            disable=not sys.stderr.isatty() or not distributed.is_main,
             leave=False,
         )
         set_regime_mode(model, regime, training=True)
+        agreement = StepAgreement(distributed, device)
         epoch_started = time.perf_counter()
         last_lr = optimizer.param_groups[0]["lr"]
-        diverged = False
+        diverged = halted = False
         for index in batches[state["step_in_epoch"] :]:
-            rows, labels = inputs.batch("train", index)
+            rows, labels = inputs.batch("train", distributed.batch_share(index))
             with precision.autocast():
-                logits = inputs.logits(rows)
-            loss = classification_loss(logits, labels)
+                logits = inputs.train_logits(rows)
+            if distributed.enabled:
+                # An empty share (a last batch smaller than the world) still joins the
+                # gradient all-reduce, with a zero loss that keeps the graph.
+                loss = (
+                    classification_loss(logits, labels) if len(labels) else logits.float().sum() * 0
+                )
+                objective = loss * (len(labels) * distributed.world_size / len(index))
+            else:
+                loss = objective = classification_loss(logits, labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
             last_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             loss_sum += loss.detach().double() * len(labels)
             correct += (logits.detach().argmax(dim=1) == labels).sum()
-            sums["seen"] += len(labels)
+            sums["seen"] += len(index)
             state["step_in_epoch"] += 1
             progress.update()
             check_now = state["step_in_epoch"] % FINITE_CHECK_INTERVAL == 0 or stop.received
-            if check_now and not math.isfinite(float(loss_sum)):
-                diverged = True
+            halted, diverged = agreement.after_step(stop.received is not None, loss_sum, check_now)
+            if diverged or halted:
                 break
-            if stop.received:
-                break
+        late_halt, late_divergence = agreement.settle()
+        halted, diverged = halted or late_halt, diverged or late_divergence
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - epoch_started
         progress.close()
+        distributed.all_sum(loss_sum, correct)
         sums["loss"], sums["correct"] = float(loss_sum), int(correct)
         sums["seconds"] += seconds
         if diverged or not math.isfinite(sums["loss"]):
             return "diverged"  # nothing saved: the last checkpoint is the last good state
-        if stop.received and state["step_in_epoch"] < len(batches):
+        if halted and state["step_in_epoch"] < len(batches):
             state["train_time_s"] += seconds
             save_checkpoint(is_best=False)
             return "stopped"
-        val = evaluate(inputs, "val", precision)
+        distributed.sync_buffers(model)  # layer4's BatchNorm statistics: rank 0's everywhere
+        val = evaluate(
+            inputs, "val", precision, distributed=distributed if distributed.enabled else None
+        )
         improved = update_early_stopping(
             early, val["accuracy"], epoch + 1, args.patience, args.min_delta
         )
@@ -962,7 +1340,7 @@ def train_regime(
         state["train_time_s"] += time.perf_counter() - epoch_started
         save_checkpoint(is_best=improved)
         on_epoch_end(row)
-        if stop.received:
+        if distributed.any(stop.received is not None):
             finished = state["epoch"] >= settings["epochs"] or early["stopped_early"]
             return "done" if finished else "stopped"
     return "done"
@@ -1298,6 +1676,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(
             f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}"
         )
+    if not args.dist_timeout > 0 or not math.isfinite(args.dist_timeout):
+        raise UserError(f"--dist-timeout must be a positive number, got {args.dist_timeout}")
 
 
 def merge_resumed_args(
@@ -1316,18 +1696,59 @@ def merge_resumed_args(
         setattr(args, name, recorded)
 
 
-def regime_settings(args: argparse.Namespace, regime: str) -> dict:
-    """The regime's defaults with the command line's explicit overrides."""
+def lr_scale(rule: str, global_batch: int) -> float:
+    """--lr-scaling's factor for a global batch, relative to LR_REFERENCE_BATCH."""
+    ratio = global_batch / LR_REFERENCE_BATCH
+    return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[rule]
+
+
+def regime_settings(args: argparse.Namespace, regime: str, world_size: int = 1) -> dict:
+    """The regime's defaults with the command line's explicit overrides; `lr` is the peak
+    learning rate actually used, `base_lr` the one given (or defaulted) before --lr-scaling."""
     settings = dict(REGIME_DEFAULTS[regime])
     for name in settings:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    settings["base_lr"] = settings["lr"]
+    settings["lr"] = settings["lr"] * lr_scale(args.lr_scaling, args.batch_size * world_size)
     if settings["warmup_epochs"] > settings["epochs"]:
         raise UserError(
             f"{regime}: --warmup-epochs {settings['warmup_epochs']} is longer than its "
             f"{settings['epochs']} epochs"
         )
     return settings
+
+
+def distributed_record(
+    args: argparse.Namespace, distributed: Distributed, device: torch.device, settings: dict
+) -> dict:
+    """How the work was spread over processes, and the batch and learning-rate rule that
+    follow, for the log and config.json."""
+    global_batch = args.batch_size * distributed.world_size
+    factor = lr_scale(args.lr_scaling, global_batch)
+    rules = {
+        "none": "as given (each regime's default or --lr), not scaled with the global batch",
+        "sqrt": f"x sqrt({global_batch}/{LR_REFERENCE_BATCH}) = x{factor:.4g} (--lr-scaling sqrt)",
+        "linear": f"x {global_batch}/{LR_REFERENCE_BATCH} = x{factor:.4g} (--lr-scaling linear)",
+    }
+    if not distributed.enabled:
+        batchnorm = "one process: statistics of each batch"
+    elif device.type == "cuda":
+        batchnorm = "SyncBatchNorm: statistics of the whole global batch, as one process"
+    else:
+        batchnorm = (
+            "per process (PyTorch's SyncBatchNorm needs GPUs): statistics of each process's "
+            "share of the batch; running averages kept from rank 0"
+        )
+    return {
+        **distributed.describe(),
+        "per_process_batch_size": args.batch_size,
+        "global_batch_size": global_batch,
+        "lr_scaling": args.lr_scaling,
+        "lr_rule": rules[args.lr_scaling],
+        "lr": {regime: values["lr"] for regime, values in settings.items()},
+        "batchnorm": batchnorm,
+    }
 
 
 def run_folder_of(record: Path) -> Path:
@@ -1352,45 +1773,153 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # Signals are caught from the start: one that arrives while the data load does not kill
     # the job; the regime loop sees it before the next regime and exits resumable.
     with StopSignal() as stop:
-        return train_and_report(args, parser, stop)
+        distributed = Distributed(detect_launch())
+        if not distributed.enabled:
+            return train_and_report(args, parser, stop, distributed)
+        return run_distributed(args, parser, stop, distributed)
+
+
+def run_distributed(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    stop: StopSignal,
+    distributed: Distributed,
+) -> int:
+    """One process of a DDP job: only rank 0 prints (the others' stdout is discarded). Every
+    rank ends with the same exit code after a barrier, so none exits while rank 0 still writes,
+    and exits at once, still inside StopSignal: a launcher that ends the job's other processes
+    when one exits (srun --kill-on-bad-exit, torchrun) then cannot turn a clean 75 into a death
+    by SIGTERM. A collective that fails (another process died, or hung past --dist-timeout)
+    ends this one at once with a clear message and DIST_FAILURE_EXIT_CODE."""
+    quiet = contextlib.nullcontext()
+    if not distributed.is_main:
+        quiet = contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115
+    where = f"rank {distributed.rank} of {distributed.world_size} on {socket.gethostname()}"
+    try:
+        with quiet:
+            try:
+                code = train_and_report(args, parser, stop, distributed)
+            except (UserError, PeerFailed) as error:
+                # No barrier: the other ranks met the same error (from_main and everywhere
+                # raise it on every rank), or see this one's connections close when it exits.
+                if isinstance(error, UserError):
+                    print(f"error: {error}", file=sys.stderr, flush=True)
+                else:
+                    print(f"{where}: stopping: {error}", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(USAGE_EXIT_CODE)
+            distributed.barrier()
+            distributed.close()
+            sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # every file was written (atomically, fsynced) before the barrier
+    except Exception as error:
+        import traceback
+
+        traceback.print_exc()
+        if is_collective_failure(error):
+            message = (
+                f"a collective operation failed ({first_line(error)}). Another process of "
+                "this job has died or hung (its own log says why; torchrun and srun name the "
+                "first failure), so this one stops too"
+            )
+        else:
+            message = f"failed ({first_line(error)}); the other processes stop with it"
+        print(
+            f"error: {where}: {message}. Checkpoints written before are kept: resume with "
+            "--resume auto.",
+            file=sys.stderr,
+            flush=True,
+        )
+        # The process group is broken or half-used: skip the interpreter's cleanup, which would
+        # wait on it or abort in its destructors.
+        os._exit(DIST_FAILURE_EXIT_CODE)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A failed or timed-out collective (NCCL's DistError, gloo's RuntimeError)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out")
+    return isinstance(error, dist.DistError) or any(marker in text for marker in markers)
 
 
 def train_and_report(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, stop: StopSignal
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    stop: StopSignal,
+    distributed: Distributed | None = None,
 ) -> int:
+    distributed = distributed or Distributed(Launch())
     validate_args(args)
-    device = select_device(args.device)
-    run_dir = None
-    record = find_resume_checkpoint(args.resume, args.output_dir, RUN_PREFIX, RUN_RECORD)
-    if record is not None:
-        run_dir = run_folder_of(record)
+    device = distributed.start(select_device(args.device), args.dist_timeout)
+
+    def find_run() -> tuple[str, dict] | None:
+        record = find_resume_checkpoint(args.resume, args.output_dir, RUN_PREFIX, RUN_RECORD)
+        if record is None:
+            return None
+        folder = run_folder_of(record)
         try:
-            saved = json.loads((run_dir / RUN_RECORD).read_text())["args"]
+            return str(folder), json.loads((folder / RUN_RECORD).read_text())
+        except Exception as error:
+            raise UserError(f"cannot read {folder / RUN_RECORD} to resume: {error}") from None
+
+    # Rank 0 finds the run to continue and reads its record; every rank gets the same.
+    found = distributed.from_main(find_run)
+    run_dir = None
+    if found is not None:
+        run_dir, recorded = Path(found[0]), found[1]
+        try:
+            saved = dict(recorded["args"])
+            for name in RUN_DEFINING_ARGS:  # runs recorded before an option existed
+                saved.setdefault(name, parser.get_default(name))
             merge_resumed_args(args, saved, parser)
         except UserError:
             raise
         except Exception as error:
             raise UserError(f"cannot read {run_dir / RUN_RECORD} to resume: {error}") from None
+        processes = recorded.get("distributed", {}).get("world_size", 1)
+        if processes != distributed.world_size:
+            raise UserError(
+                f"{run_dir} was trained by {processes} process(es) and this launch has "
+                f"{distributed.world_size}: resume with {processes}, so that the global batch, "
+                "the steps per epoch and the step to continue from stay the same"
+            )
     regimes = REGIMES if args.regime == "both" else (args.regime,)
-    settings = {regime: regime_settings(args, regime) for regime in regimes}
+    settings = {regime: regime_settings(args, regime, distributed.world_size) for regime in regimes}
     environment = environment_summary(device)
     log("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None))
     precision = select_precision(device, args.amp)
     configure_backends(device)
-    ensure_weights_available(args.weights, download=not args.no_download)
+    download = not args.no_download
+    distributed.everywhere(
+        lambda: ensure_weights_available(args.weights, download=download), node_leader_first=True
+    )
 
     seed_everything(args.seed)
-    data = prepare_data(args, device)
+    data = distributed.everywhere(lambda: prepare_data(args, device), node_leader_first=True)
     sizes = {split: len(labels) for split, (_, labels) in data.items()}
     log(
         f"data: EMNIST ByClass {sizes['train']:,} train, {sizes['val']:,} val, "
         f"{sizes['test']:,} test images on {device} (uint8, upright); resized to "
         f"{args.img_size}x{args.img_size} on the device; {precision.describe()}"
     )
-    if run_dir is None:
+    parallel = distributed_record(args, distributed, device, settings)
+    if distributed.enabled:
+        log(
+            f"distributed: {distributed.world_size} processes ({distributed.launch.launcher}, "
+            f"{distributed.backend}); batch {args.batch_size} per process = "
+            f"{parallel['global_batch_size']} global; learning rate: {parallel['lr_rule']}; "
+            f"layer4 BatchNorm: {parallel['batchnorm']}"
+        )
+    elif args.lr_scaling != "none":
+        log(f"learning rate: {parallel['lr_rule']}")
+
+    def new_run() -> str:
         if args.resume == "auto":
             log("resume: no run found, starting a new run")
-        run_dir = make_run_dir(args.output_dir, RUN_PREFIX)
+        folder = make_run_dir(args.output_dir, RUN_PREFIX)
         config = {
             "args": vars(args),
             "environment": environment,
@@ -1398,19 +1927,32 @@ def train_and_report(
             "data": sizes,
             "regime_settings": settings,
             "optimizer": "AdamW on the trainable parameters; linear warmup then cosine decay",
+            "distributed": parallel,
         }
-        atomic_write_json(run_dir / RUN_RECORD, config)
+        atomic_write_json(folder / RUN_RECORD, config)
+        return str(folder)
+
+    if run_dir is None:
+        run_dir = Path(distributed.from_main(new_run))
     else:
         log(f"resuming {run_dir}")
     log(f"run folder: {run_dir}")
 
     results = {}
     for regime in regimes:
-        if stop.received:
+        if distributed.any(stop.received is not None):
             outcome, metrics = "stopped", None
         else:
             outcome, metrics = run_regime(
-                args, regime, settings[regime], data, device, precision, run_dir, stop
+                args,
+                regime,
+                settings[regime],
+                data,
+                device,
+                precision,
+                run_dir,
+                stop,
+                distributed,
             )
         if outcome == "diverged":
             print(
@@ -1423,13 +1965,14 @@ def train_and_report(
             return DIVERGED_EXIT_CODE
         if outcome == "stopped":
             log(
-                f"stopped by {stop.received} during {regime}: checkpoint in "
+                f"stopped by {stop.received or 'a signal to another process'} during {regime}: "
+                "checkpoint in "
                 f"{run_dir / regime}; continue with --resume auto (or --resume {run_dir})"
             )
             log(f"results: {run_dir}")
             return RESUMABLE_EXIT_CODE
         results[regime] = metrics
-    if len(results) > 1:
+    if len(results) > 1 and distributed.is_main:
         write_comparison(run_dir, results)
         log(
             "comparison: "
@@ -1451,19 +1994,38 @@ def run_regime(
     precision: Precision,
     run_dir: Path,
     stop: StopSignal,
+    distributed: Distributed | None = None,
 ) -> tuple[str, dict | None]:
     """Train, test and write one regime's outputs, or continue it from <regime>/last.pt;
-    a regime whose metrics.json exists is finished and only read back."""
+    a regime whose metrics.json exists is finished and only read back.
+
+    With several processes every rank trains and evaluates its share; rank 0 alone reads and
+    writes files, and what it reads (a checkpoint to resume, the best weights) is broadcast.
+    The metrics are returned on rank 0 only (the others get an empty dict)."""
+    distributed = distributed or Distributed(Launch())
+    shared = distributed if distributed.enabled else None  # evaluate()'s argument
     regime_dir = run_dir / regime
     metrics_path = regime_dir / "metrics.json"
-    if metrics_path.is_file():
+
+    def finished_metrics() -> dict | None:
+        if not metrics_path.is_file():
+            return None
         log(f"{regime}: already finished, not redone ({metrics_path})")
-        return "done", json.loads(metrics_path.read_text())
-    regime_dir.mkdir(exist_ok=True)
+        return json.loads(metrics_path.read_text())
+
+    finished = distributed.from_main(finished_metrics)
+    if finished is not None:
+        return "done", finished
+    if distributed.is_main:
+        regime_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
     channels_last = device.type == "cuda"
     seed_everything(args.seed)  # the same fc init whether or not another regime ran first
     model = build_model(regime, args.weights, NUM_CLASSES, download=not args.no_download)
+    if distributed.enabled and device.type == "cuda" and regime == "partial_unfreeze":
+        # layer4 trains in train mode: its BatchNorms normalise with the statistics of the
+        # whole global batch, as one process would (parameters and buffers are kept as is).
+        model.layer4 = nn.SyncBatchNorm.convert_sync_batchnorm(model.layer4)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1476,7 +2038,7 @@ def run_regime(
         weight_decay=settings["weight_decay"],
         fused=device.type in ("cpu", "cuda"),
     )
-    steps_per_epoch = math.ceil(len(data["train"][1]) / args.batch_size)
+    steps_per_epoch = math.ceil(len(data["train"][1]) / (args.batch_size * distributed.world_size))
     schedule = WarmupCosine(
         steps_per_epoch * settings["epochs"], round(settings["warmup_epochs"] * steps_per_epoch)
     )
@@ -1484,9 +2046,18 @@ def run_regime(
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     state = new_regime_state()
     last_path, best_path = regime_dir / LAST_CHECKPOINT, regime_dir / BEST_CHECKPOINT
-    if last_path.is_file():
+
+    def read_last() -> dict | None:
+        if not last_path.is_file():
+            return None
         try:
-            checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+            return torch.load(last_path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise UserError(f"cannot resume from {last_path}: {error}") from None
+
+    checkpoint = distributed.from_main(read_last)  # every rank resumes from rank 0's bytes
+    if checkpoint is not None:
+        try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1503,7 +2074,9 @@ def run_regime(
         f"({' + '.join(p.rstrip('.') for p in TRAINABLE_PREFIXES[regime])}); AdamW lr "
         f"{settings['lr']:g} weight decay {settings['weight_decay']:g}, at most "
         f"{settings['epochs']} epochs, {settings['warmup_epochs']:g} warmup, batch "
-        f"{args.batch_size}, early stopping patience {args.patience}"
+        f"{args.batch_size}"
+        + (f" x {distributed.world_size} processes" if distributed.enabled else "")
+        + f", early stopping patience {args.patience}"
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1514,9 +2087,20 @@ def run_regime(
         feature_started = time.perf_counter()
         splits = {}
         for split, (images, labels) in data.items():
-            features = extract_features(
-                model, images, args.img_size, precision, channels_last=channels_last, stop=stop
-            )
+            if distributed.enabled:
+                # Each rank runs the backbone on its own block of rows; the blocks are
+                # gathered, so every rank holds every row's features, computed once.
+                first, end = distributed.share(len(images))
+                features = extract_features(
+                    model, images[first:end], args.img_size, precision, channels_last=channels_last
+                )
+                features = distributed.gather_rows(features, len(images))
+                if distributed.any(stop.received is not None):
+                    features = None
+            else:
+                features = extract_features(
+                    model, images, args.img_size, precision, channels_last=channels_last, stop=stop
+                )
             if features is None:
                 return "stopped", None
             splits[split] = (features, labels)
@@ -1532,10 +2116,27 @@ def run_regime(
         inputs = RegimeInputs(model, splits, True, args.img_size, channels_last)
     else:
         inputs = RegimeInputs(model, data, False, args.img_size, channels_last)
+    if distributed.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Gradients of the trainable parameters are averaged across ranks in backward; the
+        # CPU's per-process BatchNorm statistics are made rank 0's at each forward.
+        # (forward_sync_buffers replaces broadcast_buffers, deprecated in torch 2.14.)
+        sync_name = "broadcast_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            sync_name = "forward_sync_buffers"
+        inputs.train_module = DistributedDataParallel(
+            model.fc if regime == "linear_probe" else model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            **{sync_name: device.type != "cuda"},
+        )
 
     checkpoint_config = {"args": vars(args), "regime": regime, "settings": settings}
 
     def save_checkpoint(is_best: bool) -> None:
+        if not distributed.is_main:
+            return
         buffer = io.BytesIO()
         torch.save(
             {
@@ -1556,6 +2157,8 @@ def run_regime(
         atomic_write_bytes(last_path, buffer.getvalue())
 
     def on_epoch_end(row: dict) -> None:
+        if not distributed.is_main:
+            return
         write_csv(regime_dir / "history.csv", state["history"])
         log(
             f"{regime} epoch {row['epoch']}/{settings['epochs']}  train loss "
@@ -1578,14 +2181,21 @@ def run_regime(
         save_checkpoint,
         stop,
         on_epoch_end,
+        distributed,
     )
     if outcome != "done":
         return outcome, None
 
     early = state["early_stopping"]
-    best = torch.load(best_path, map_location="cpu", weights_only=False)
-    model.load_state_dict(best["model"])  # the test set sees the best epoch's weights, once
-    test = evaluate(inputs, "test", precision, keep_scores=True)
+    best = distributed.from_main(
+        lambda: torch.load(best_path, map_location="cpu", weights_only=False)["model"]
+    )
+    model.load_state_dict(best)  # the test set sees the best epoch's weights, once
+    test = evaluate(inputs, "test", precision, keep_scores=True, distributed=shared)
+    if not distributed.is_main:
+        return "done", {}
+    if test["count"] != len(data["test"][1]):
+        raise RuntimeError(f"the test evaluation counted {test['count']} images, not all")
     scored = score_test_set(data["test"][1], test["scores"])
     memory, memory_kind = peak_memory_mb(device)
     history = state["history"]
@@ -1619,6 +2229,8 @@ def run_regime(
         "val_images": inputs.size("val"),
         "img_size": args.img_size,
         "batch_size": args.batch_size,
+        "world_size": distributed.world_size,
+        "global_batch_size": args.batch_size * distributed.world_size,
         "optimizer": "AdamW",
         **{name: settings[name] for name in ("lr", "weight_decay", "warmup_epochs")},
         "precision": precision.describe(),

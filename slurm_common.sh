@@ -17,6 +17,10 @@
 #   MAX_REQUEUES  how many times a job may requeue itself (default 3); beyond it, it stops
 #   REPO_DIR      the repository (default: the submission directory, SLURM_SUBMIT_DIR)
 #   DATA_DIR, RESULTS_DIR, TORCH_HOME   see ./setup_env.sh --help; bound into the container
+#
+# Launch hooks (arrays a .sbatch file may set before slurm_run_training; for several GPUs or
+# nodes): TRAIN_LAUNCHER runs in front of everything on the host (e.g. srun ...; default none),
+# TRAIN_PYTHON replaces `python` in the environment the script runs in (e.g. torchrun ...).
 
 readonly RESUMABLE_EXIT_CODE=75 # the scripts' "stopped by a signal after a checkpoint" code
 
@@ -65,15 +69,15 @@ _slurm_summary() {
     fi
 }
 
-# Sets the array TRAIN_COMMAND: how to start Python here (container or host .venv), without the
-# script and its arguments. Binds the repository, DATA_DIR, RESULTS_DIR, TORCH_HOME and any
-# --data-dir/--output-dir given as arguments.
+# Sets the array TRAIN_COMMAND: how to start TRAIN_PYTHON here (in the container, or on the
+# host's .venv), without the script and its arguments. The container gets the repository,
+# DATA_DIR, RESULTS_DIR, TORCH_HOME and any --data-dir/--output-dir argument bound.
 _slurm_prepare_command() {
     local image=${CONTAINER:-$REPO_DIR/container.sif} runtime="" path arg previous=""
     if [[ $image == none ]]; then
         slurm_log "environment: host (CONTAINER=none), $REPO_DIR/setup_env.sh"
         _slurm_source_setup_env || return 1
-        TRAIN_COMMAND=(python)
+        TRAIN_COMMAND=("${TRAIN_PYTHON[@]}")
         slurm_log "python: $(command -v python), $(python --version 2>&1)"
         return 0
     fi
@@ -114,8 +118,8 @@ _slurm_prepare_command() {
     # (`--` keeps setup_env.sh from seeing the script's arguments as its own.)
     # shellcheck disable=SC2016 # $1 and $@ are expanded by the inner bash, on purpose
     TRAIN_COMMAND=("$runtime" exec --nv --bind "$spec" --pwd "$REPO_DIR" "$image"
-        bash -c 'repo=$1; shift; source "$repo/setup_env.sh" -- || exit 1; exec python "$@"'
-        bash "$REPO_DIR")
+        bash -c 'repo=$1; shift; source "$repo/setup_env.sh" -- || exit 1; exec "$@"'
+        bash "$REPO_DIR" "${TRAIN_PYTHON[@]}")
 }
 
 # A function of its own so that the sourced script sees only the arguments given here, not the
@@ -194,7 +198,19 @@ slurm_run_training() {
     trap '_slurm_on_signal USR1' USR1
     trap '_slurm_on_signal TERM' TERM
     TRAIN_COMMAND=()
+    [[ -v TRAIN_LAUNCHER[@] ]] || TRAIN_LAUNCHER=()
+    [[ -v TRAIN_PYTHON[@] ]] || TRAIN_PYTHON=(python)
     _slurm_prepare_command "${args[@]}" || exit 1
+    TRAIN_COMMAND=("${TRAIN_LAUNCHER[@]}" "${TRAIN_COMMAND[@]}")
+    local run_glob="${RESULTS_DIR:-results}/${prefix}_*_${SLURM_JOB_ID:-<job id>}"
+    if [[ -n $_SLURM_SIGNALS ]]; then
+        # Signalled during the set-up: starting the script now would only lose the time.
+        slurm_warn "signalled (${_SLURM_SIGNALS# }) before $script started: not starting it"
+        if [[ $_SLURM_SIGNALS != *TERM* ]] && _slurm_requeue "$restarts" "$run_glob"; then
+            exit 0
+        fi
+        exit "$RESUMABLE_EXIT_CODE"
+    fi
     slurm_log "running: ${TRAIN_COMMAND[*]} $script ${args[*]} ${resume[*]}"
     "${TRAIN_COMMAND[@]}" "$script" "${args[@]}" "${resume[@]}" &
     _SLURM_CHILD=$!
@@ -209,7 +225,6 @@ slurm_run_training() {
     done
     _SLURM_CHILD=""
 
-    local run_glob="${RESULTS_DIR:-results}/${prefix}_*_${SLURM_JOB_ID:-<job id>}"
     if ((rc == 0)); then
         slurm_log "=== $script finished (exit 0); results in $run_glob ==="
         exit 0
@@ -220,7 +235,13 @@ slurm_run_training() {
     # limit or preemption, and the job must end (its checkpoint is kept).
     if [[ $_SLURM_SIGNALS == *USR1* && $_SLURM_SIGNALS != *TERM* ]] &&
         ((rc == RESUMABLE_EXIT_CODE || rc == 128 + 10)); then
-        slurm_log "$script stopped after SIGUSR1 (exit $rc): checkpoint written"
+        if ((rc == RESUMABLE_EXIT_CODE)); then
+            slurm_log "$script stopped after SIGUSR1 (exit $rc): checkpoint written"
+        else
+            slurm_log "$script was ended by SIGUSR1 outside its training loop (while starting" \
+                "or finishing), so without a new checkpoint; the restart continues from the" \
+                "last checkpoint, if any"
+        fi
         if _slurm_requeue "$restarts" "$run_glob"; then
             exit 0
         fi

@@ -69,10 +69,18 @@ class Trainer:
     def __init__(self, kind: str, args, device: torch.device, steps_per_epoch: int):
         self.kind, self.args, self.device = kind, args, device
         self.model = scratch.CNN(device=device, generator=torch.Generator().manual_seed(args.seed))
+        # The script's own defaults (the reported run): learning rate, momentum, weight decay,
+        # warmup, then cosine decay over --epochs.
+        defaults = scratch.get_args_parser().parse_args([])
         self.total_steps = steps_per_epoch * max(1, args.epochs)
-        self.warmup_steps = steps_per_epoch
+        self.warmup_steps = max(1, round(defaults.warmup_epochs * steps_per_epoch))
         self.step_count = 0
-        hyper = {"lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4}
+        self.peak_lr = defaults.lr
+        hyper = {
+            "lr": defaults.lr,
+            "momentum": defaults.momentum,
+            "weight_decay": defaults.weight_decay,
+        }
         if kind == "scratch":
             self.optimizer = scratch.SGD(self.model, **hyper)
             self.loss_fn = scratch.SoftmaxCrossEntropy()
@@ -81,7 +89,9 @@ class Trainer:
             self.optimizer = torch.optim.SGD(self.model.parameters(), nesterov=True, **hyper)
 
     def step(self, x_uint8: torch.Tensor, y: torch.Tensor) -> None:
-        lr = scratch.learning_rate(self.step_count, self.total_steps, 0.2, self.warmup_steps)
+        lr = scratch.learning_rate(
+            self.step_count, self.total_steps, self.peak_lr, self.warmup_steps
+        )
         self.step_count += 1
         x = scratch.preprocess(x_uint8)
         if self.kind == "scratch":

@@ -16,7 +16,7 @@
 # Ports: SLURM_TEST_PORT, else a free pair chosen at start.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 die() {
     echo "slurm_cluster: $*" >&2
@@ -160,8 +160,7 @@ stop() {
     [[ -f $dir/daemons.pid ]] || die "no daemons.pid in $dir: nothing to stop"
     export SLURM_CONF=$dir/slurm.conf
     # Cancel what is still queued or running so that no job step outlives the cluster.
-    scancel --full --quiet "--clusters=testcluster" --user="$(id -un)" 2>/dev/null ||
-        scancel --quiet --user="$(id -un)" 2>/dev/null || true
+    scancel --quiet --user="$(id -un)" 2>/dev/null || true
     for ((waited = 0; waited < 100; waited++)); do
         [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
         sleep 0.1

@@ -330,3 +330,17 @@ def test_learning_rate_schedule_warmup_then_cosine():
     assert values[55] == pytest.approx(0.1)  # half-way through the cosine
     assert values[-1] < 1e-3
     assert all(a >= b for a, b in zip(values[9:], values[10:]))
+
+
+def test_relu_in_place_matches_and_overwrites_its_input():
+    x = torch.randn(3, 4, 5, 5, dtype=F64).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(x)
+    plain, in_place = cnn.ReLU(), cnn.ReLU(inplace=True)
+    expected_out = plain.forward(x)
+    expected_grad = plain.backward(grad_out)
+    x_copy = x.clone()
+    out = in_place.forward(x_copy)
+    torch.testing.assert_close(out, expected_out, **TOL)
+    torch.testing.assert_close(in_place.backward(grad_out), expected_grad, **TOL)
+    assert out.data_ptr() == x_copy.data_ptr() and torch.equal(x_copy, expected_out)
+    assert out.is_contiguous(memory_format=torch.channels_last)

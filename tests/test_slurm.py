@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,10 +61,12 @@ RESNET_RUN_OUTPUTS = ("config.json", "comparison.md", "comparison.json", "compar
 # The time-limit test: a 1-minute limit with a 5 s signal lead. SLURM checks limits coarsely
 # (up to 60 s early, says sbatch(1)); measured here, the USR1 arrives ~47 s after each start.
 TIME_LIMIT_OPTIONS = ("--time=1", "--signal=B:USR1@5")
-# The CNN runs (uninterrupted, and under that limit) train for ~TARGET_TRAIN_S at the speed
-# this machine has right now: longer than one ~47 s start, so the limited run needs at least
-# two, whatever the load on a shared CPU (quiet, 2 cores: ~11,000 images/s, 10 epochs).
-TARGET_TRAIN_S = 75
+# The CNN runs (uninterrupted, and under that limit) train for ~TARGET_TRAIN_S or more at the
+# speed this machine shows right now (a short probe; whole epochs run somewhat slower): longer
+# than one ~47 s start, so the limited run needs at least two starts. On a CPU shared with
+# other work, a load that rises during the test only makes it slower; one that falls sharply
+# right after the probe can leave the limited run uninterrupted, which the test reports.
+TARGET_TRAIN_S = 60
 TRAIN_IMAGES = 59_000  # --val-size 1000 of MNIST's 60,000
 JOB_TIMEOUT_S = 900  # generous: the CPU may be shared; a quiet machine needs a fraction of it
 
@@ -114,6 +118,7 @@ def make_checkout(destination: Path) -> Path:
     (destination / "logs").mkdir(exist_ok=True)
     (destination / ".venv").symlink_to(Path(sys.prefix))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    git += ["-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
     subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "test checkout"], cwd=destination, check=True)
@@ -234,7 +239,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def cnn_images_per_second() -> float:
-    """Training throughput of cnn_from_scratch's network on this machine now (batch 640)."""
+    """Training throughput of cnn_from_scratch's network here now (batch 640, median step)."""
     import torch
 
     import cnn_from_scratch as cnn
@@ -244,20 +249,21 @@ def cnn_images_per_second() -> float:
     loss_fn = cnn.SoftmaxCrossEntropy()
     images = torch.randint(0, 256, (640, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (640,))
+    seconds = []
     with torch.no_grad():
-        for step in range(9):
-            if step == 1:  # the first step warms up
-                started = time.perf_counter()
+        for _ in range(12):
+            started = time.perf_counter()
             loss_fn.forward(model.forward(cnn.preprocess(images)), labels)
             model.backward(loss_fn.backward())
             optimizer.step()
-    return 8 * 640 / (time.perf_counter() - started)
+            seconds.append(time.perf_counter() - started)
+    return 640 / sorted(seconds[1:])[5]  # the median after a warm-up step
 
 
 @pytest.fixture(scope="module")
 def cnn_args(mnist) -> list:
     speed = cnn_images_per_second()
-    epochs = min(15, max(1, round(TARGET_TRAIN_S * speed / TRAIN_IMAGES)))
+    epochs = min(20, math.ceil(TARGET_TRAIN_S * speed / TRAIN_IMAGES))
     print(f"CNN: {speed:,.0f} images/s here now -> --epochs {epochs}")
     return ["--epochs", str(epochs), "--val-size", "1000", "--data-dir", str(mnist)]
 
@@ -314,14 +320,22 @@ def test_time_limit_signal_checkpoint_requeue_resume_same_metrics(cluster, cnn_a
     print(f"time-limited job {job_id}: {restarts} requeues, {time.monotonic() - started:.0f} s")
     logs = cluster.logs(job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", logs
-    assert restarts >= 1, f"never interrupted: the work did not outlast the time limit\n{logs}"
+    assert restarts >= 1, (
+        "never interrupted: the run ended within one start (did the CPU get faster after the "
+        f"speed probe?)\n{logs}"
+    )
     out_log, err_log = cluster.log_paths("cnn", job_id)
     out = out_log.read_text()
     # Every start is in the one (appended) log: signalled, checkpointed, requeued, resumed.
     for start in range(1, restarts + 2):
         assert f"run_cnn.sbatch: start {start} (SLURM_RESTART_COUNT={start - 1})" in out
     assert out.count("received SIGUSR1: forwarding it") == restarts
-    assert out.count("stopped by SIGUSR1: checkpoint written") == restarts
+    # Each start ends in a checkpoint written on the signal, or -- when the signal comes while
+    # the script is outside its training loop (starting, or evaluating after the last epoch) --
+    # in a resume from the last per-epoch checkpoint.
+    on_signal = out.count("stopped by SIGUSR1: checkpoint written")
+    outside_loop = out.count("ended by SIGUSR1 outside its training loop")
+    assert on_signal >= 1 and on_signal + outside_loop == restarts
     assert out.count(f"requeueing job {job_id}") == restarts
     assert out.count("resumed ") == restarts
     assert "finished (exit 0)" in out
@@ -469,6 +483,41 @@ def test_wrapper_outside_slurm_reports_a_bad_argument(checkout, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: --epochs must be at least 1" in result.stderr
     assert "FAILED with exit code 2; not requeued" in result.stderr
+
+
+def test_wrapper_forwards_usr1_at_once_and_exits_resumable(checkout, tmp_path, mnist):
+    """The trap fires while Python runs in the background; outside SLURM there is no requeue."""
+    process = subprocess.Popen(
+        ["bash", "run_cnn.sbatch", "--epochs", "1", "--val-size", "1000", "--data-dir", mnist],
+        cwd=checkout,
+        env=wrapper_env(tmp_path, CONTAINER="none"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("run folder:"):
+                time.sleep(1)  # into the training loop
+                signalled = time.monotonic()
+                process.send_signal(signal.SIGUSR1)  # to the wrapper's bash, as B:USR1 does
+                break
+        remaining, stderr = process.communicate(timeout=120)
+        seconds = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out = "".join(lines) + remaining
+    assert process.returncode == 75, out + stderr
+    assert "received SIGUSR1: forwarding it to the training process" in out
+    assert "stopped by SIGUSR1: checkpoint written" in out
+    assert "not under SLURM: rerun the same command to continue" in out
+    assert seconds < 30  # stopped within a step, not at the end of the epoch
+    assert len(list((tmp_path / "results").glob("cnn_*/checkpoint_last.pt"))) == 1
+    assert not list((tmp_path / "results").glob("cnn_*/metrics.json"))
 
 
 def test_wrapper_refuses_a_missing_container_image(checkout, tmp_path):
@@ -624,6 +673,9 @@ def test_container_definition():
     test = sections["test"]
     assert "torch.cuda.is_available()" in test and "cudnn" in test
     assert 'startswith("12.6")' in test
+    python = re.search(r"<<'EOF'\n(.*?)\nEOF", test, re.S)
+    assert python, "%test should run its checks as a Python heredoc"
+    compile(python.group(1), "container.def %test", "exec")
     # %post, %environment, %runscript and %test are /bin/sh scripts: shellcheck them as such.
     if shutil.which("shellcheck"):
         for name in ("post", "environment", "runscript", "test"):
