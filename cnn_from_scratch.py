@@ -1113,6 +1113,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # Signals are caught from the start: one that arrives during the data load does not kill
+    # the job (training then stops after its first step, resumable), and one that arrives
+    # during the final evaluation lets it finish.
+    with StopSignal() as stop:
+        return train_and_report(args, parser, stop)
+
+
+def train_and_report(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, stop: StopSignal
+) -> int:
     validate_args(args)
     device = select_device(args.device)
     resume_path = find_resume_checkpoint(args.resume, args.output_dir, RUN_PREFIX, CHECKPOINT_NAME)
@@ -1185,8 +1195,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
         )
 
-    with StopSignal() as stop:
-        outcome = train(args, model, optimizer, data, state, save_checkpoint, stop, on_epoch_end)
+    outcome = train(args, model, optimizer, data, state, save_checkpoint, stop, on_epoch_end)
     if outcome == "diverged":
         print(
             f"error: the training loss became NaN/inf in epoch {state['epoch'] + 1}; "

@@ -67,6 +67,7 @@ _slurm_summary() {
     else
         slurm_log "gpu: nvidia-smi not found on this node"
     fi
+    [[ -z $_SLURM_LAUNCH_NOTE ]] || slurm_log "$_SLURM_LAUNCH_NOTE"
 }
 
 # Sets the array TRAIN_COMMAND: how to start TRAIN_PYTHON here (in the container, or on the
@@ -135,17 +136,80 @@ _slurm_source_setup_env() {
 _SLURM_CHILD=""
 _SLURM_SIGNALS=""  # signals received, e.g. " USR1"
 _SLURM_PENDING=0   # a signal arrived while `wait` was waiting
+_SLURM_SIGNAL_TIME=""       # when the first signal arrived (seconds since the epoch)
+_SLURM_LAUNCH_MODE=single   # single, srun or torchrun (slurm_ddp_launch)
+_SLURM_LAUNCH_NOTE=""       # slurm_ddp_launch's line for the log (after the start banner)
 
 _slurm_on_signal() {
     local signal=$1
     _SLURM_SIGNALS+=" $signal"
     _SLURM_PENDING=1
+    _SLURM_SIGNAL_TIME=${_SLURM_SIGNAL_TIME:-$(date +%s)}
     if [[ -n $_SLURM_CHILD ]]; then
         slurm_log "received SIG$signal: forwarding it to the training process (PID $_SLURM_CHILD)"
         kill -s "$signal" "$_SLURM_CHILD" 2>/dev/null || true
     else
         slurm_log "received SIG$signal before training started"
     fi
+}
+
+# slurm_ddp_launch: for a job that asks for several processes, sets the launch hooks
+# (TRAIN_LAUNCHER, TRAIN_PYTHON) to start them; one process otherwise, exactly as before.
+# run_resnet.sbatch calls it (its script is DistributedDataParallel-aware; run_cnn.sbatch's is
+# not). Two forms, chosen from the allocation:
+#   more tasks than nodes (sbatch --ntasks=N, --ntasks-per-node=G): srun --kill-on-bad-exit=1
+#       starts one process per task; MASTER_ADDR/MASTER_PORT (exported) = the first node and
+#       DIST_PORT, and the script reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+#   one task per node and several GPUs or nodes (sbatch --nodes=M --gpus-per-node=G): srun
+#       starts one task per node, each `python -m torch.distributed.run` (torchrun) with G
+#       processes and a c10d rendezvous at <first node>:DIST_PORT
+# Knobs: NPROC_PER_NODE (torchrun's processes per node instead of the GPUs per node, e.g. on
+# CPU nodes), DIST_PORT (default 20000 + job id % 20000).
+slurm_ddp_launch() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || return 0
+    local nodes=${SLURM_NNODES:-1} tasks gpus per_node first port
+    tasks=${SLURM_NTASKS:-$nodes}
+    gpus=${SLURM_GPUS_PER_NODE:-0}
+    gpus=${gpus##*:} # "4", "a100:4" or "gpu:a100:4"
+    [[ $gpus =~ ^[0-9]+$ ]] || gpus=0
+    per_node=${NPROC_PER_NODE:-$gpus}
+    if ((tasks > nodes)); then
+        _SLURM_LAUNCH_MODE=srun
+    elif ((nodes > 1 || per_node > 1)); then
+        _SLURM_LAUNCH_MODE=torchrun
+        ((per_node >= 1)) || per_node=1
+    else
+        return 0
+    fi
+    first=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -n 1)
+    port=${DIST_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    if [[ $_SLURM_LAUNCH_MODE == srun ]]; then
+        export MASTER_ADDR=$first MASTER_PORT=$port
+        TRAIN_LAUNCHER=(srun --kill-on-bad-exit=1 --ntasks="$tasks")
+        _SLURM_LAUNCH_NOTE="distributed: srun starts $tasks processes (one per task) on $nodes"
+        _SLURM_LAUNCH_NOTE+=" node(s); rank 0 at $first:$port"
+    else
+        # srun hands the forwarded USR1 to torchrun, which passes it on to its workers and
+        # waits for their checkpoint (--signals-to-handle, --shutdown-timeout, read from PET_*
+        # variables; a torchrun without these options ignores them, USR1 ends it, and the
+        # requeued job resumes from the last epoch's checkpoint).
+        export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 PET_SHUTDOWN_TIMEOUT=120
+        TRAIN_LAUNCHER=(srun --kill-on-bad-exit=1 --ntasks="$nodes" --ntasks-per-node=1)
+        TRAIN_PYTHON=(python -m torch.distributed.run --nnodes="$nodes"
+            --nproc-per-node="$per_node" --rdzv-backend=c10d --rdzv-endpoint="$first:$port"
+            --rdzv-id="$SLURM_JOB_ID" --max-restarts=0)
+        _SLURM_LAUNCH_NOTE="distributed: srun starts torchrun on each of $nodes node(s), $per_node"
+        _SLURM_LAUNCH_NOTE+=" processes each ($((nodes * per_node)) in all); rendezvous at $first:$port"
+    fi
+}
+
+# torchrun exits 1 whatever its workers' codes (75 included): after a signal, a torchrun job
+# stopped resumably when a checkpoint of this job was written after the signal arrived.
+_slurm_torchrun_checkpointed() {
+    local prefix=$1
+    [[ $_SLURM_LAUNCH_MODE == torchrun && -n $_SLURM_SIGNAL_TIME ]] || return 1
+    [[ -n $(find "${RESULTS_DIR:-results}" -path "*/${prefix}_*_${SLURM_JOB_ID:-none}*" \
+        -name last.pt -newermt "@$_SLURM_SIGNAL_TIME" -print -quit 2>/dev/null) ]]
 }
 
 # Requeue this job when allowed (at most MAX_REQUEUES times); returns 1 when it was not.
@@ -225,6 +289,11 @@ slurm_run_training() {
     done
     _SLURM_CHILD=""
 
+    if ((rc != 0 && rc != RESUMABLE_EXIT_CODE)) && _slurm_torchrun_checkpointed "$prefix"; then
+        slurm_log "torchrun exited $rc after the signal and a checkpoint was written since:" \
+            "its workers stopped resumably (torchrun reports any failed worker as 1)"
+        rc=$RESUMABLE_EXIT_CODE
+    fi
     if ((rc == 0)); then
         slurm_log "=== $script finished (exit 0); results in $run_glob ==="
         exit 0

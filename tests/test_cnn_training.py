@@ -153,6 +153,34 @@ def test_interrupted_and_resumed_run_is_bit_identical(mnist_dir, tmp_path, monke
         assert metrics[key] == reference_metrics[key]
 
 
+def test_signal_during_startup_or_final_outputs_is_not_fatal(mnist_dir, tmp_path, monkeypatch):
+    """Handlers are installed before the data load and kept until the outputs are written."""
+    original_load, original_plot = cnn.load_mnist, cnn.plot_training_curves
+
+    def load_then_signal(*args, **kwargs):
+        result = original_load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives before the first training step
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cnn, "load_mnist", load_then_signal)
+        code = cnn.main(small_run_args(mnist_dir, tmp_path / "early"))
+    assert code == cnn.RESUMABLE_EXIT_CODE
+    state = torch.load(only_run_dir(tmp_path / "early") / "checkpoint_last.pt", weights_only=False)[
+        "state"
+    ]
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 1)  # one step, then the checkpoint
+
+    def plot_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the outputs are being written
+        return original_plot(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cnn, "plot_training_curves", plot_then_signal)
+        assert cnn.main(small_run_args(mnist_dir, tmp_path / "late")) == 0
+    assert OUTPUT_FILES <= {p.name for p in only_run_dir(tmp_path / "late").iterdir()}
+
+
 def test_resume_refuses_contradicting_hyperparameters(mnist_dir, tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 3)
