@@ -477,6 +477,26 @@ class MaxPool2D:
         grad_in = torch.empty_like(x) if tiles_exactly else torch.zeros_like(x)
         if grad_out.stride() != out.stride():  # match the layout of `out`: faster loops below
             grad_out = torch.empty_like(out).copy_(grad_out)
+        # Each tap is one pass over the input: a few MB of images at a time stay in the cache
+        # across all kh * kw passes, where the whole batch would stream from memory each time.
+        chunk = max(1, self.CACHE_BYTES // (x[0].numel() * x.element_size()))
+        for start in range(0, len(x), chunk):
+            rows = slice(start, start + chunk)
+            self._route_gradient(x[rows], out[rows], grad_out[rows], grad_in[rows], tiles_exactly)
+        return grad_in
+
+    CACHE_BYTES = 4 << 20  # a batch chunk's input, output and gradients fit in L3
+
+    def _route_gradient(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        grad_out: torch.Tensor,
+        grad_in: torch.Tensor,
+        tiles_exactly: bool,
+    ) -> None:
+        """Give each window's gradient to its first maximum, tap by tap in window order."""
+        _, _, h_out, w_out = out.shape
         taps = self._taps(x, h_out, w_out)
         unclaimed = None  # 1 where no earlier tap of the window has taken the gradient
         for index, (tap, grad_tap) in enumerate(zip(taps, self._taps(grad_in, h_out, w_out))):
@@ -493,7 +513,6 @@ class MaxPool2D:
                 torch.mul(grad_out, is_max, out=grad_tap)
             else:
                 grad_tap.addcmul_(grad_out, is_max)
-        return grad_in
 
 
 class ReLU:
