@@ -44,8 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def torch_nn_twin(model: scratch.CNN, device: torch.device) -> nn.Sequential:
-    """The network a user would write with torch.nn, holding the same initial weights."""
+def torch_nn_twin(model: scratch.CNN) -> nn.Sequential:
+    """The network a user would write with torch.nn, holding the same weights (same device
+    and dtype). tests/test_cnn_layers.py checks it against the from-scratch model."""
     twin = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
         nn.ReLU(),
@@ -55,7 +56,9 @@ def torch_nn_twin(model: scratch.CNN, device: torch.device) -> nn.Sequential:
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(784, 10),
-    ).to(device)
+    )
+    reference = model.layers[0].params["weight"]
+    twin.to(device=reference.device, dtype=reference.dtype)
     with torch.no_grad():
         for index, layer in model.trainable_layers():
             twin[index].weight.copy_(layer.params["weight"])
@@ -85,7 +88,7 @@ class Trainer:
             self.optimizer = scratch.SGD(self.model, **hyper)
             self.loss_fn = scratch.SoftmaxCrossEntropy()
         else:
-            self.model = torch_nn_twin(self.model, device)
+            self.model = torch_nn_twin(self.model)
             self.optimizer = torch.optim.SGD(self.model.parameters(), nesterov=True, **hyper)
 
     def step(self, x_uint8: torch.Tensor, y: torch.Tensor) -> None:

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import cnn_from_scratch as cnn
+from bench.cnn_vs_autograd import torch_nn_twin
 
 F64 = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-10}
@@ -225,31 +225,13 @@ def test_weight_gradients_against_finite_differences():
         assert numeric == pytest.approx(analytic, rel=1e-6)
 
 
-def twin_of(model: cnn.CNN) -> nn.Sequential:
-    twin = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(784, 10),
-    ).to(F64)
-    with torch.no_grad():
-        for index, layer in model.trainable_layers():
-            twin[index].weight.copy_(layer.params["weight"])
-            twin[index].bias.copy_(layer.params["bias"])
-    return twin
-
-
 @pytest.mark.parametrize("batch", [1, 5])
 def test_whole_network_gradients_match_torch_nn_twin(batch):
     torch.manual_seed(batch)
     model = cnn.CNN(dtype=F64, generator=torch.Generator().manual_seed(batch))
     for _, layer in model.trainable_layers():
         layer.params["bias"].normal_(std=0.1)
-    twin = twin_of(model)
+    twin = torch_nn_twin(model)
     x = torch.randn(batch, 1, 28, 28, dtype=F64)
     y = torch.randint(0, 10, (batch,))
     loss_fn = cnn.SoftmaxCrossEntropy()
@@ -266,7 +248,7 @@ def test_whole_network_gradients_match_torch_nn_twin(batch):
 @pytest.mark.parametrize("nesterov,momentum,weight_decay", [(True, 0.9, 5e-4), (False, 0.5, 0.0)])
 def test_sgd_matches_torch_optim(nesterov, momentum, weight_decay):
     model = cnn.CNN(dtype=F64, generator=torch.Generator().manual_seed(0))
-    twin = twin_of(model)
+    twin = torch_nn_twin(model)
     optimizer = cnn.SGD(model, 0.1, momentum, weight_decay, nesterov=nesterov)
     reference = torch.optim.SGD(
         twin.parameters(), 0.1, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import write_idx
 
 import cnn_from_scratch as cnn
 
@@ -27,13 +27,6 @@ OUTPUT_FILES = {
     "misclassified.png",
     "checkpoint_last.pt",
 }
-
-
-def write_idx(path: Path, array: torch.Tensor) -> None:
-    """An uncompressed IDX file as MNIST ships it: magic, big-endian dims, uint8 payload."""
-    magic = 2051 if array.dim() == 3 else 2049
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    path.write_bytes(header + array.to(torch.uint8).numpy().tobytes())
 
 
 def synthetic_digits(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

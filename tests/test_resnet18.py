@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import struct
 import subprocess
 import sys
 import urllib.error
@@ -26,6 +25,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from datasets import (  # noqa: E402
+    make_emnist_split,
+    write_emnist_split,
+    write_standin_weights,
+)
 
 import resnet18  # noqa: E402
 
@@ -62,68 +67,25 @@ TIMING_KEYS = {
 # --------------------------------------------------------------------------------------------
 
 
-def letter_f_glyph() -> torch.Tensor:
-    """An upright 'F' (asymmetric under transposition and both flips), uint8 28x28."""
-    glyph = torch.zeros(28, 28, dtype=torch.uint8)
-    glyph[4:24, 6:9] = 255  # the stem, on the left
-    glyph[4:7, 6:22] = 255  # the top bar
-    glyph[12:15, 6:18] = 255  # the middle bar
-    return glyph
-
-
-def make_split(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upright images with a learnable class pattern plus noise; image 0 is the 'F' (label 15)."""
-    generator = torch.Generator().manual_seed(seed)
-    templates = (torch.rand(62, 28, 28, generator=torch.Generator().manual_seed(99)) > 0.85) * 110
-    labels = torch.arange(62).repeat_interleave(per_class)
-    labels = labels[torch.randperm(len(labels), generator=generator)]
-    noise = torch.randint(0, 146, (len(labels), 28, 28), generator=generator)
-    images = (templates[labels] + noise).clamp(max=255).to(torch.uint8)
-    images[0], labels[0] = letter_f_glyph(), resnet18.EMNIST_BYCLASS_CHARS.index("F")
-    return images, labels
-
-
-def write_idx(raw: Path, part: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """torchvision's raw EMNIST files, images stored transposed (as NIST distributes them)."""
-    prefix = raw / f"emnist-byclass-{part}"
-    stored = images.transpose(1, 2).contiguous()
-    header = struct.pack(">IIII", 2051, len(images), 28, 28)
-    Path(f"{prefix}-images-idx3-ubyte").write_bytes(header + stored.numpy().tobytes())
-    label_bytes = labels.to(torch.uint8).numpy().tobytes()
-    Path(f"{prefix}-labels-idx1-ubyte").write_bytes(
-        struct.pack(">II", 2049, len(labels)) + label_bytes
-    )
-
-
 @pytest.fixture(scope="module")
 def emnist(tmp_path_factory) -> dict:
     data_dir = tmp_path_factory.mktemp("data")
     raw = data_dir / "EMNIST" / "raw"
     raw.mkdir(parents=True)
-    splits = {"train": make_split(TRAIN_PER_CLASS, 1), "test": make_split(TEST_PER_CLASS, 2)}
+    splits = {
+        "train": make_emnist_split(TRAIN_PER_CLASS, 1),
+        "test": make_emnist_split(TEST_PER_CLASS, 2),
+    }
     for part, (images, labels) in splits.items():
-        write_idx(raw, part, images, labels)
+        write_emnist_split(raw, part, images, labels)
     return {"dir": data_dir, "raw": raw, **splits}
 
 
 @pytest.fixture(scope="module")
 def standin_weights(tmp_path_factory) -> dict:
     """A random torchvision ResNet-18 state dict at the path torchvision caches ImageNet's."""
-    from torchvision.models import resnet18 as torchvision_resnet18
-
     torch_home = tmp_path_factory.mktemp("torch_home")
-    checkpoints = torch_home / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.manual_seed(1234)
-    state = torchvision_resnet18().state_dict()
-    # Non-trivial BatchNorm statistics, so "unchanged" is a real check on them.
-    for name, tensor in state.items():
-        if name.endswith("running_mean"):
-            tensor.normal_(0, 0.1)
-        elif name.endswith("running_var"):
-            tensor.uniform_(0.5, 1.5)
-    torch.save(state, checkpoints / "resnet18-f37072fd.pth")
-    return {"torch_home": torch_home, "state": state}
+    return {"torch_home": torch_home, "state": write_standin_weights(torch_home)}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_resnet18 import make_split, write_idx  # noqa: E402
+from datasets import make_emnist_split, write_emnist_split  # noqa: E402
 
 import resnet18  # noqa: E402
 
@@ -75,9 +75,9 @@ def workspace(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     raw = root / "data" / "EMNIST" / "raw"
     raw.mkdir(parents=True)
-    test_images, test_labels = make_split(2, 2)
-    write_idx(raw, "train", *make_split(6, 1))
-    write_idx(raw, "test", test_images, test_labels)
+    test_images, test_labels = make_emnist_split(2, 2)
+    write_emnist_split(raw, "train", *make_emnist_split(6, 1))
+    write_emnist_split(raw, "test", test_images, test_labels)
     checkpoints = root / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.manual_seed(1234)

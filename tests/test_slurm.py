@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from datasets import write_emnist, write_standin_weights
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "tests" / "slurm_cluster.sh"
@@ -372,47 +373,13 @@ def test_failing_job_fails_visibly_and_is_not_requeued(cluster, mnist):
     assert not list((cluster.checkout / "results").glob(f"cnn_*_{job_id}"))
 
 
-def write_emnist(data_dir: Path, train_per_class: int = 6, test_per_class: int = 2) -> Path:
-    """Small EMNIST ByClass files in torchvision's raw layout (uncompressed IDX)."""
-    import torch
-
-    raw = data_dir / "EMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    templates = (torch.rand(62, 28, 28, generator=generator) > 0.85).to(torch.uint8) * 110
-    for part, per_class in (("train", train_per_class), ("test", test_per_class)):
-        labels = torch.arange(62).repeat_interleave(per_class)
-        labels = labels[torch.randperm(len(labels), generator=generator)]
-        noise = torch.randint(0, 146, (len(labels), 28, 28), generator=generator)
-        images = (templates[labels] + noise).clamp(max=255).to(torch.uint8)
-        prefix = raw / f"emnist-byclass-{part}"
-        header = (2051).to_bytes(4, "big") + len(images).to_bytes(4, "big")
-        header += (28).to_bytes(4, "big") * 2
-        Path(f"{prefix}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
-        label_header = (2049).to_bytes(4, "big") + len(labels).to_bytes(4, "big")
-        labels_bytes = labels.to(torch.uint8).numpy().tobytes()
-        Path(f"{prefix}-labels-idx1-ubyte").write_bytes(label_header + labels_bytes)
-    return data_dir
-
-
-def write_standin_weights(torch_home: Path) -> Path:
-    """A random torchvision ResNet-18 state dict where torchvision caches ImageNet's."""
-    import torch
-    from torchvision.models import resnet18
-
-    checkpoints = torch_home / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(resnet18().state_dict(), checkpoints / "resnet18-f37072fd.pth")
-    return torch_home
-
-
 @needs_slurm
 def test_resnet_job_completes_with_logs_and_every_output(cluster, tmp_path):
     if not (cluster.checkout / "resnet18.py").is_file():
         pytest.skip("resnet18.py is not in the repository yet")
     data_dir = write_emnist(tmp_path / "data")
-    torch_home = write_standin_weights(tmp_path / "torch_home")
+    torch_home = tmp_path / "torch_home"
+    write_standin_weights(torch_home)
     args = ["--data-dir", data_dir, "--regime", "both", "--epochs", "1", "--img-size", "32"]
     args += ["--batch-size", "32", "--device", "cpu"]
     started = time.monotonic()

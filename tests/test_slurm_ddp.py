@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from datasets import write_emnist, write_standin_weights
 from test_slurm import (  # noqa: F401 (cluster is a fixture)
     cluster,
     needs_slurm,
     read_json,
     read_rows,
     run_folder,
-    write_emnist,
-    write_standin_weights,
 )
 
 TEST_LIMIT = 123  # odd: the two ranks' test shares are uneven
@@ -51,33 +50,38 @@ def job_args(data_dir: Path, *extra: str) -> list:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("slurm_ddp")
-    return {
-        "data": write_emnist(root / "data"),
-        "torch_home": write_standin_weights(root / "torch_home"),
-    }
+    write_standin_weights(root / "torch_home")
+    return {"data": write_emnist(root / "data"), "torch_home": root / "torch_home"}
 
 
 @pytest.fixture(scope="module")
 def jobs(cluster, inputs) -> dict:  # noqa: F811
     """Three jobs at once: srun with 2 tasks, torchrun on 2 (fake) GPUs, and the one-process
-    default with the same global batch (64)."""
+    default with the same global batch (64). One OpenMP thread in every process: torchrun
+    defaults its workers to 1 while srun's tasks would take all their CPUs, and a different
+    thread count changes the order of floating-point sums, so the forms would not be
+    bit-identical."""
+    threads = {"OMP_NUM_THREADS": "1"}
     submitted = {
         "srun": cluster.submit(
             "run_resnet.sbatch",
             job_args(inputs["data"], "--batch-size", "32"),
             options=("--ntasks=2",),
             TORCH_HOME=inputs["torch_home"],
+            **threads,
         ),
         "torchrun": cluster.submit(
             "run_resnet.sbatch",
             job_args(inputs["data"], "--batch-size", "32"),
             options=("--gpus-per-node=2",),
             TORCH_HOME=inputs["torch_home"],
+            **threads,
         ),
         "single": cluster.submit(
             "run_resnet.sbatch",
             job_args(inputs["data"], "--batch-size", "64"),
             TORCH_HOME=inputs["torch_home"],
+            **threads,
         ),
     }
     started = time.monotonic()
