@@ -347,10 +347,8 @@ class Conv2D:
         return weight.reshape(self.out_channels, -1)
 
     def _workspace(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A buffer kept between calls. The column matrices are tens of MB: allocating them
-        anew every step costs more in page faults than the copy into them (measured 6x on
-        the 2-core CPU), so they are reused while the shape stays the same. Only internal
-        buffers live here, never a tensor this layer returns."""
+        """A buffer of exactly `shape` kept between calls (the zero-bordered padded input:
+        only its interior is ever written, so the border stays zero while it is reused)."""
         buffer = self._buffers.get(name)
         if (
             buffer is None
@@ -361,6 +359,55 @@ class Conv2D:
             buffer = self._buffers[name] = like.new_zeros(shape)
         return buffer
 
+    def _scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous `shape` view of a buffer kept between calls, grown when too small; its
+        contents are always overwritten before use. Allocating MB-sized buffers anew every
+        step costs more in page faults than filling them (measured 6x on the 2-core CPU).
+        Only internal buffers live here, never a tensor this layer returns."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.numel() < size
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = self._buffers[name] = like.new_empty(size)
+        return buffer[:size].view(shape)
+
+    def _images_per_chunk(self, per_image: int, element_size: int) -> int:
+        """Images per chunk so that a chunk's column matrix stays in the cache between the
+        copy that fills it and the matmul that reads it."""
+        return max(1, self.CACHE_BYTES // (per_image * element_size))
+
+    CACHE_BYTES = 4 << 20
+
+    def _columns(self, padded: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """im2col of images [start, start + count) of the padded input: (positions, K) rows,
+        into a reused buffer. Channels-last input gives (positions, K) copied in runs of
+        kw * C_in values; otherwise (C_in * K, positions) is filled in runs along W and
+        returned as a transposed view, which BLAS reads as is."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        h_out, w_out, channels_last = self._geometry
+        c = self.in_channels
+        if channels_last:
+            stride_n, stride_h, stride_w, stride_c = padded.stride()
+            windows = padded[start : start + count].as_strided(
+                (count, h_out, w_out, kh, kw, c),
+                (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
+            )
+            rows = self._scratch("columns", (count * h_out * w_out, kh * kw * c), padded)
+            rows.view(windows.shape).copy_(windows)
+            return rows
+        stride_n, stride_c, stride_h, stride_w = padded.stride()
+        windows = padded[start : start + count].as_strided(
+            (c, kh, kw, count, h_out, w_out),
+            (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
+        )
+        columns = self._scratch("columns", (c * kh * kw, count * h_out * w_out), padded)
+        columns.view(windows.shape).copy_(windows)
+        return columns.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if c != self.in_channels:
@@ -368,10 +415,9 @@ class Conv2D:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         h_out = _output_size(h, kh, sh, ph, "Conv2D height")
         w_out = _output_size(w, kw, sw, pw, "Conv2D width")
-        positions, taps = n * h_out * w_out, c * kh * kw
         channels_last = c > 1 and x.stride(1) == 1
+        self._geometry = (h_out, w_out, channels_last)
         # Work in a padded buffer laid out like the input: NHWC if channels-last, else NCHW.
-        # Only its interior is ever written, so its zero border survives reuse.
         source = x.permute(0, 2, 3, 1) if channels_last else x
         if ph or pw:
             if channels_last:
@@ -382,50 +428,59 @@ class Conv2D:
                 padded[:, :, ph : ph + h, pw : pw + w] = source
         else:
             padded = source
-        if channels_last:
-            stride_n, stride_h, stride_w, stride_c = padded.stride()
-            windows = padded.as_strided(
-                (n, h_out, w_out, kh, kw, c),
-                (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
-            )
-            rows = self._workspace("columns", (positions, taps), x)
-            rows.view(windows.shape).copy_(windows)
-        else:
-            stride_n, stride_c, stride_h, stride_w = padded.stride()
-            windows = padded.as_strided(
-                (c, kh, kw, n, h_out, w_out),
-                (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
-            )
-            columns = self._workspace("columns", (taps, positions), x)
-            columns.view(windows.shape).copy_(windows)
-            rows = columns.t()  # (positions, K) as a transposed view: BLAS reads it as is
-        out = torch.mm(rows, self._weight_matrix(channels_last).t())
+        # A few images at a time: each chunk's columns are copied and multiplied while they
+        # are in the cache. The (positions, C_out) result is the channels-last output itself.
+        per_image = h_out * w_out
+        out = x.new_empty((n * per_image, self.out_channels))
+        weight_t = self._weight_matrix(channels_last).t()
+        chunk = self._images_per_chunk(per_image * c * kh * kw, x.element_size())
+        for start in range(0, n, chunk):
+            count = min(chunk, n - start)
+            rows = self._columns(padded, start, count)
+            torch.mm(rows, weight_t, out=out[start * per_image : (start + count) * per_image])
         out += self.params["bias"]  # cheaper in place than through addmm's broadcast
-        self.cache = (x.shape, rows, h_out, w_out, channels_last)
+        self.cache = (x.shape, padded, self._geometry)
         return out.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (n, c, h, w), rows, h_out, w_out, channels_last = self.cache
+        (n, c, h, w), padded, (h_out, w_out, channels_last) = self.cache
+        self._geometry = (h_out, w_out, channels_last)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * h_out * w_out, self.out_channels)
-        grad_weight = (rows.t() @ grad_rows).t()  # (C_out, K); this operand order is fastest
+        per_image, taps = h_out * w_out, c * kh * kw
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * per_image, self.out_channels)
+        chunk = self._images_per_chunk(per_image * taps, grad_out.element_size())
+        chunks = [(start, min(chunk, n - start)) for start in range(0, n, chunk)]
+        # The weight gradient, chunk by chunk from columns copied again (cheaper than keeping
+        # the whole column matrix between forward and backward, measured).
+        grad_weight_t = grad_out.new_zeros((taps, self.out_channels))
+        for start, count in chunks:
+            rows = self._columns(padded, start, count)
+            grad_weight_t.addmm_(
+                rows.t(), grad_rows[start * per_image : (start + count) * per_image]
+            )
+        grad_weight = grad_weight_t.t()
         if channels_last:
             grad_weight = grad_weight.reshape(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
         self.grads["weight"] = grad_weight.reshape(self.params["weight"].shape).contiguous()
         self.grads["bias"] = grad_rows.sum(0)
         if not self.needs_input_grad:
             return None
-        # Gradient of the columns, laid out (C_in, kh, kw, N, H_out, W_out): each tap's slice
-        # is then a block whose rows run along W, like the (C, N, H, W) buffer it is added to.
-        grad_cols = self._workspace("grad_columns", (c * kh * kw, n * h_out * w_out), grad_out)
-        torch.mm(self._weight_matrix(channels_last=False).t(), grad_rows.t(), out=grad_cols)
-        grad_cols = grad_cols.view(c, kh, kw, n, h_out, w_out)
+        # Gradient of the columns, laid out (C_in, kh, kw, images, H_out, W_out): each tap's
+        # slice is then a block whose rows run along W, like the (C, N, H, W) buffer it is
+        # added to; again a few images at a time, so that block is in the cache when added.
+        weight = self._weight_matrix(channels_last=False)
         grad_padded = grad_out.new_zeros((c, n, h + 2 * ph, w + 2 * pw))
-        for i in range(kh):
-            for j in range(kw):
-                grad_padded[
-                    :, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
-                ] += grad_cols[:, i, j]
+        for start, count in chunks:
+            grad_cols = self._scratch("grad_columns", (taps, count * per_image), grad_out)
+            rows = grad_rows[start * per_image : (start + count) * per_image]
+            torch.mm(weight.t(), rows.t(), out=grad_cols)
+            grad_cols = grad_cols.view(c, kh, kw, count, h_out, w_out)
+            target = grad_padded[:, start : start + count]
+            for i in range(kh):
+                for j in range(kw):
+                    target[
+                        :, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
+                    ] += grad_cols[:, i, j]
         return grad_padded[:, :, ph : ph + h, pw : pw + w].permute(1, 0, 2, 3)
 
 
