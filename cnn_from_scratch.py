@@ -20,9 +20,10 @@ lr 0.1 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
     sbatch run_cnn.sbatch                             # the same on a SLURM cluster
 
 Measured on a 2-core AMD EPYC VM, CPU only (no GPU run yet), torch 2.14.1, with the default
-command and seeds 0, 1, 2: test accuracy 98.70%, 98.70%, 98.54% (median 98.70%), 5 epochs in
-16-18 s of training (about 15,500-17,200 images/s). `python bench/cnn_vs_autograd.py`
-measures 0.74-1.09x the throughput of the same network in torch.nn + autograd on that CPU.
+command and seeds 0, 1, 2: test accuracy 98.71%, 98.72%, 98.58% (median 98.71%), 5 epochs in
+13.7-14.1 s of training (about 20,000 images/s). `python bench/cnn_vs_autograd.py` measures
+0.78-1.11x (median 0.86x over eight runs) the throughput of the same network in torch.nn +
+autograd on that CPU.
 
 Exit codes: 0 done; 2 bad input (message says what to fix); 3 the loss diverged (NaN/inf; the
 last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
