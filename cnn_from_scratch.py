@@ -295,6 +295,18 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, what: str) -
     return out
 
 
+# Convolution and pooling work a few MB of images at a time: a chunk's columns, or its input
+# across a pooling's kh * kw passes, stay in the cache (L3 here) between the operations that
+# write and read them, where the whole batch would stream from memory each time (measured).
+CACHE_BYTES = 4 << 20
+
+
+def _image_chunks(num_images: int, bytes_per_image: int) -> list[slice]:
+    """Consecutive slices of the batch of about CACHE_BYTES each, at least one image each."""
+    step = max(1, CACHE_BYTES // max(1, bytes_per_image))
+    return [slice(start, min(start + step, num_images)) for start in range(0, num_images, step)]
+
+
 class Conv2D:
     """2-D cross-correlation (torch's convolution) by im2col and one matmul.
 
@@ -376,24 +388,18 @@ class Conv2D:
             buffer = self._buffers[name] = like.new_empty(size)
         return buffer[:size].view(shape)
 
-    def _images_per_chunk(self, per_image: int, element_size: int) -> int:
-        """Images per chunk so that a chunk's column matrix stays in the cache between the
-        copy that fills it and the matmul that reads it."""
-        return max(1, self.CACHE_BYTES // (per_image * element_size))
-
-    CACHE_BYTES = 4 << 20
-
-    def _columns(self, padded: torch.Tensor, start: int, count: int) -> torch.Tensor:
-        """im2col of images [start, start + count) of the padded input: (positions, K) rows,
-        into a reused buffer. Channels-last input gives (positions, K) copied in runs of
-        kw * C_in values; otherwise (C_in * K, positions) is filled in runs along W and
-        returned as a transposed view, which BLAS reads as is."""
+    def _columns(
+        self, padded: torch.Tensor, h_out: int, w_out: int, channels_last: bool
+    ) -> torch.Tensor:
+        """im2col of (some images of) the padded input: (positions, K) rows, in a reused
+        buffer. Channels-last input gives (positions, K) copied in runs of kw * C_in values;
+        otherwise (C_in * K, positions) is filled in runs along W and returned as a transposed
+        view, which BLAS reads as is."""
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        h_out, w_out, channels_last = self._geometry
-        c = self.in_channels
+        count, c = len(padded), self.in_channels
         if channels_last:
             stride_n, stride_h, stride_w, stride_c = padded.stride()
-            windows = padded[start : start + count].as_strided(
+            windows = padded.as_strided(
                 (count, h_out, w_out, kh, kw, c),
                 (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
             )
@@ -401,7 +407,7 @@ class Conv2D:
             rows.view(windows.shape).copy_(windows)
             return rows
         stride_n, stride_c, stride_h, stride_w = padded.stride()
-        windows = padded[start : start + count].as_strided(
+        windows = padded.as_strided(
             (c, kh, kw, count, h_out, w_out),
             (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
         )
@@ -417,7 +423,6 @@ class Conv2D:
         h_out = _output_size(h, kh, sh, ph, "Conv2D height")
         w_out = _output_size(w, kw, sw, pw, "Conv2D width")
         channels_last = c > 1 and x.stride(1) == 1
-        self._geometry = (h_out, w_out, channels_last)
         # Work in a padded buffer laid out like the input: NHWC if channels-last, else NCHW.
         source = x.permute(0, 2, 3, 1) if channels_last else x
         if ph or pw:
@@ -434,30 +439,26 @@ class Conv2D:
         per_image = h_out * w_out
         out = x.new_empty((n * per_image, self.out_channels))
         weight_t = self._weight_matrix(channels_last).t()
-        chunk = self._images_per_chunk(per_image * c * kh * kw, x.element_size())
-        for start in range(0, n, chunk):
-            count = min(chunk, n - start)
-            rows = self._columns(padded, start, count)
-            torch.mm(rows, weight_t, out=out[start * per_image : (start + count) * per_image])
+        for images in _image_chunks(n, per_image * c * kh * kw * x.element_size()):
+            rows = self._columns(padded[images], h_out, w_out, channels_last)
+            torch.mm(rows, weight_t, out=out[images.start * per_image : images.stop * per_image])
         out += self.params["bias"]  # cheaper in place than through addmm's broadcast
-        self.cache = (x.shape, padded, self._geometry)
+        self.cache = (x.shape, padded, (h_out, w_out, channels_last))
         return out.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         (n, c, h, w), padded, (h_out, w_out, channels_last) = self.cache
-        self._geometry = (h_out, w_out, channels_last)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         per_image, taps = h_out * w_out, c * kh * kw
         grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * per_image, self.out_channels)
-        chunk = self._images_per_chunk(per_image * taps, grad_out.element_size())
-        chunks = [(start, min(chunk, n - start)) for start in range(0, n, chunk)]
+        chunks = _image_chunks(n, per_image * taps * grad_out.element_size())
         # The weight gradient, chunk by chunk from columns copied again (cheaper than keeping
         # the whole column matrix between forward and backward, measured).
         grad_weight_t = grad_out.new_zeros((taps, self.out_channels))
-        for start, count in chunks:
-            rows = self._columns(padded, start, count)
+        for images in chunks:
+            rows = self._columns(padded[images], h_out, w_out, channels_last)
             grad_weight_t.addmm_(
-                rows.t(), grad_rows[start * per_image : (start + count) * per_image]
+                rows.t(), grad_rows[images.start * per_image : images.stop * per_image]
             )
         grad_weight = grad_weight_t.t()
         if channels_last:
@@ -471,12 +472,13 @@ class Conv2D:
         # added to; again a few images at a time, so that block is in the cache when added.
         weight = self._weight_matrix(channels_last=False)
         grad_padded = grad_out.new_zeros((c, n, h + 2 * ph, w + 2 * pw))
-        for start, count in chunks:
+        for images in chunks:
+            count = images.stop - images.start
             grad_cols = self._scratch("grad_columns", (taps, count * per_image), grad_out)
-            rows = grad_rows[start * per_image : (start + count) * per_image]
+            rows = grad_rows[images.start * per_image : images.stop * per_image]
             torch.mm(weight.t(), rows.t(), out=grad_cols)
             grad_cols = grad_cols.view(c, kh, kw, count, h_out, w_out)
-            target = grad_padded[:, start : start + count]
+            target = grad_padded[:, images]
             for i in range(kh):
                 for j in range(kw):
                     target[
@@ -533,13 +535,6 @@ class MaxPool2D:
         self.cache = (x, out, takes)
         return out
 
-    def _image_chunks(self, x: torch.Tensor) -> list[slice]:
-        """Slices of a few MB of images: each tap is one pass over the input, and a chunk stays
-        in the cache across all kh * kw passes, where the whole batch would stream from
-        memory each time."""
-        chunk = max(1, self.CACHE_BYTES // max(1, x[0].numel() * x.element_size()))
-        return [slice(start, start + chunk) for start in range(0, len(x), chunk)]
-
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
         x, out, takes = self.cache
         _, _, h_out, w_out = out.shape
@@ -550,12 +545,10 @@ class MaxPool2D:
         grad_in = torch.empty_like(x) if tiles_exactly else torch.zeros_like(x)
         if grad_out.stride() != out.stride():  # match the layout of `out`: faster loops below
             grad_out = torch.empty_like(out).copy_(grad_out)
-        for rows in self._image_chunks(x):
+        for rows in _image_chunks(len(x), x[0].numel() * x.element_size()):
             chunk_takes = [take[rows] for take in takes]
             self._route_gradient(grad_out[rows], chunk_takes, grad_in[rows], tiles_exactly)
         return grad_in
-
-    CACHE_BYTES = 4 << 20  # a batch chunk's input, output and gradients fit in L3
 
     def _route_gradient(
         self,
