@@ -367,12 +367,13 @@ REGIME_FILES = (
     "best.pt",
     "last.pt",
 )
+RUN_FILES = ("config.json", "comparison.md", "comparison.json", "comparison.png")
 
 
 def test_both_run_writes_every_output(reference_run, emnist):
     run_dir = reference_run["dir"]
     assert run_dir.name.startswith("resnet_") and len(run_dir.name) == len("resnet_20250101-000000")
-    for name in ("config.json", "comparison.md", "comparison.json", "comparison.png"):
+    for name in RUN_FILES:
         assert (run_dir / name).stat().st_size > 0, name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["args"]["regime"] == "both" and config["args"]["img_size"] == 32

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 from datasets import write_emnist, write_standin_weights
+from test_cnn_training import OUTPUT_FILES as CNN_OUTPUTS
+from test_resnet18 import REGIME_FILES as RESNET_REGIME_OUTPUTS
+from test_resnet18 import RUN_FILES as RESNET_RUN_OUTPUTS
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "tests" / "slurm_cluster.sh"
@@ -39,26 +42,6 @@ TERMINAL_STATES = {
     "BOOT_FAIL",
     "DEADLINE",
 }
-CNN_OUTPUTS = (
-    "config.json",
-    "history.csv",
-    "metrics.json",
-    "training_curves.png",
-    "confusion_matrix.png",
-    "misclassified.png",
-    "checkpoint_last.pt",
-)
-RESNET_REGIME_OUTPUTS = (
-    "metrics.json",
-    "history.csv",
-    "training_curves.png",
-    "confusion_matrix.png",
-    "per_class.csv",
-    "most_confused.csv",
-    "best.pt",
-    "last.pt",
-)
-RESNET_RUN_OUTPUTS = ("config.json", "comparison.md", "comparison.json", "comparison.png")
 # The time-limit test: a 1-minute limit with a 5 s signal lead. SLURM checks limits coarsely
 # (up to 60 s early, says sbatch(1)); measured here, the USR1 arrives ~47 s after each start.
 TIME_LIMIT_OPTIONS = ("--time=1", "--signal=B:USR1@5")
