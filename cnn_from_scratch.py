@@ -20,10 +20,10 @@ lr 0.1 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
     sbatch run_cnn.sbatch                             # the same on a SLURM cluster
 
 Measured on a 2-core AMD EPYC VM, CPU only (no GPU run yet), torch 2.14.1, with the default
-command and seeds 0, 1, 2: test accuracy 98.71%, 98.72%, 98.58% (median 98.71%), 5 epochs in
-13.9-14.8 s of training (about 19,000 images/s). `python bench/cnn_vs_autograd.py` measures
-0.66-1.17x (median 0.90x over eight runs) the throughput of the same network in torch.nn +
-autograd on that CPU.
+command and seeds 0, 1, 2: test accuracy 98.71%, 98.72%, 98.54% (median 98.71%), 5 epochs in
+9.6-10.0 s of training (about 28,000 images/s). `python bench/cnn_vs_autograd.py` measures
+0.97-1.54x (median 1.34x over sixteen runs) the throughput of the same network in torch.nn +
+autograd on that CPU, and 1.08-1.11x when glibc keeps freed memory (README, "Speed").
 
 Exit codes: 0 done; 2 bad input (message says what to fix); 3 the loss diverged (NaN/inf; the
 last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
@@ -308,7 +308,7 @@ def _image_chunks(num_images: int, bytes_per_image: int) -> list[slice]:
 
 
 class Conv2D:
-    """2-D cross-correlation (torch's convolution) by im2col and one matmul.
+    """2-D cross-correlation (torch's convolution) as matrix products.
 
     forward:  x (N, C_in, H, W) -> (N, C_out, H_out, W_out),
               H_out = (H + 2 * padding - kernel_h) // stride + 1 (likewise W_out).
@@ -317,10 +317,18 @@ class Conv2D:
               With needs_input_grad False (a first layer, whose input is data) grad_in is
               not computed and None is returned: it is the costliest part of backward.
 
-    The im2col copy is laid out to follow the input's memory: for channels-last input it is
-    (positions, kh * kw * C_in), copied in runs of kw * C_in contiguous values; otherwise (a
-    one-channel image, say) it is (C_in * kh * kw, positions), copied in runs along W. Either
-    way the matmul yields (positions, C_out), which is the channels-last output itself.
+    Two formulations, each following the input's memory (both measured on this CPU):
+    - Kernel rows, for channels-last input with vertical stride 1 (the second layer): a
+      matrix with one row per (image, padded input row y, output column x) holds the
+      kw * C_in values one kernel row sees there, a third of im2col's copy. Kernel row i then
+      adds rows[y + i] @ W_i to output row y; in the flattened matrix that shift is a fixed
+      row offset, so each kernel row is one matmul on a view. The output is computed on the
+      padded input's rows and the kh - 1 extra rows per image are dropped by a view.
+    - im2col otherwise: (positions, kh * kw * C_in) copied in runs of kw * C_in values for
+      channels-last input, or (C_in * kh * kw, positions) in runs along W (a one-channel
+      image, say), then one matmul.
+    Either way the matmul yields (positions, C_out), the channels-last output itself, and
+    the work goes a few MB of images at a time so each chunk's copies stay in the cache.
     """
 
     def __init__(
@@ -415,6 +423,38 @@ class Conv2D:
         columns.view(windows.shape).copy_(windows)
         return columns.t()
 
+    def _kernel_row_weights(self) -> torch.Tensor:
+        """(kh, kw * C_in, C_out): kernel row i's weights, ordered like a row of _row_windows."""
+        kh, kw = self.kernel_size
+        weight = self.params["weight"].permute(2, 3, 1, 0)
+        return weight.reshape(kh, kw * self.in_channels, self.out_channels)
+
+    def _uses_kernel_rows(self, padded: torch.Tensor, channels_last: bool) -> bool:
+        """Kernel rows need channels-last input whose (W, C) values are contiguous (always
+        true of the padded buffer) and a vertical stride of 1, the row shift being exact."""
+        _, _, stride_w, stride_c = padded.stride() if channels_last else (0, 0, 0, 0)
+        return (
+            channels_last and self.stride[0] == 1 and stride_c == 1 and stride_w == padded.shape[3]
+        )
+
+    def _row_windows(self, padded: torch.Tensor, w_out: int) -> torch.Tensor:
+        """For some images of the channels-last padded input (count, H_pad, W_pad, C_in):
+        (count * H_pad * W_out + (kh - 1) * W_out, kw * C_in) in a reused buffer, row
+        (image, y, x) holding the kw * C_in contiguous values that start at
+        padded[image, y, x * stride_w]. The (kh - 1) * W_out zero rows at the end keep every
+        row-shifted view inside the buffer; they only ever meet output rows that are dropped."""
+        (kh, kw), (_, sw) = self.kernel_size, self.stride
+        count, height, _, c = padded.shape
+        stride_n, stride_h, stride_w, _ = padded.stride()
+        windows = padded.as_strided(
+            (count, height, w_out, kw * c), (stride_n, stride_h, stride_w * sw, 1)
+        )
+        rows = count * height * w_out
+        buffer = self._scratch("row_windows", (rows + (kh - 1) * w_out, kw * c), padded)
+        buffer[:rows].view(windows.shape).copy_(windows)
+        buffer[rows:].zero_()
+        return buffer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if c != self.in_channels:
@@ -434,20 +474,91 @@ class Conv2D:
                 padded[:, :, ph : ph + h, pw : pw + w] = source
         else:
             padded = source
-        # A few images at a time: each chunk's columns are copied and multiplied while they
-        # are in the cache. The (positions, C_out) result is the channels-last output itself.
+        kernel_rows = self._uses_kernel_rows(padded, channels_last)
+        self.cache = (x.shape, padded, (h_out, w_out, channels_last, kernel_rows))
+        bias = self.params["bias"]
+        if kernel_rows:
+            weights, height = self._kernel_row_weights(), padded.shape[1]
+            per_image = height * w_out
+            out = x.new_empty((n * per_image, self.out_channels))
+            for images in _image_chunks(n, per_image * kw * c * x.element_size()):
+                windows = self._row_windows(padded[images], w_out)
+                rows = (images.stop - images.start) * per_image
+                out_rows = out[images.start * per_image : images.start * per_image + rows]
+                torch.mm(windows[:rows], weights[0], out=out_rows)
+                for i in range(1, kh):
+                    out_rows.addmm_(windows[i * w_out : i * w_out + rows], weights[i])
+                out_rows += bias  # while in the cache; cheaper than addmm's broadcast
+            out = out.view(n, height, w_out, self.out_channels)[:, :h_out]
+            return out.permute(0, 3, 1, 2)
+        # im2col: a few images at a time, each chunk's columns copied and multiplied while
+        # they are in the cache.
         per_image = h_out * w_out
         out = x.new_empty((n * per_image, self.out_channels))
-        weight_t = self._weight_matrix(channels_last).t()
+        weight = self._weight_matrix(channels_last)
         for images in _image_chunks(n, per_image * c * kh * kw * x.element_size()):
             rows = self._columns(padded[images], h_out, w_out, channels_last)
-            torch.mm(rows, weight_t, out=out[images.start * per_image : images.stop * per_image])
-        out += self.params["bias"]  # cheaper in place than through addmm's broadcast
-        self.cache = (x.shape, padded, (h_out, w_out, channels_last))
+            out_rows = out[images.start * per_image : images.stop * per_image]
+            if channels_last:
+                torch.mm(rows, weight.t(), out=out_rows)
+                out_rows += bias
+            else:
+                # rows is a view of a (K, positions) buffer: BLAS multiplies (C_out, K) @
+                # (K, positions) about twice as fast as the transposed product on such skinny
+                # shapes (measured), and the transposing store adds the bias on the way.
+                product = self._scratch("product", (self.out_channels, len(rows)), x)
+                torch.mm(weight, rows.t(), out=product)
+                torch.add(product.t(), bias, out=out_rows)
         return out.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (n, c, h, w), padded, (h_out, w_out, channels_last) = self.cache
+        _, _, (_, _, _, kernel_rows) = self.cache
+        if kernel_rows:
+            return self._backward_kernel_rows(grad_out)
+        return self._backward_im2col(grad_out)
+
+    def _backward_kernel_rows(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        (n, c, h, w), padded, (h_out, w_out, _, _) = self.cache
+        (kh, kw), (_, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        height, width = padded.shape[1:3]
+        per_image = height * w_out
+        # The output gradient on the same grid as the forward's output rows; the kh - 1
+        # extra rows per image stay zero, so whatever they meet adds nothing.
+        grad_grid = self._workspace("grad_grid", (n, height, w_out, self.out_channels), grad_out)
+        grad_grid[:, :h_out] = grad_out.permute(0, 2, 3, 1)
+        weights = self._kernel_row_weights()
+        grad_weights = grad_out.new_zeros(weights.shape)
+        grad_padded = grad_out.new_zeros((n, height, width, c)) if self.needs_input_grad else None
+        for images in _image_chunks(n, per_image * kw * c * grad_out.element_size()):
+            count = images.stop - images.start
+            rows = count * per_image
+            windows = self._row_windows(padded[images], w_out)
+            grad_rows = grad_grid[images].view(rows, self.out_channels)
+            for i in range(kh):
+                grad_weights[i].addmm_(windows[i * w_out : i * w_out + rows].t(), grad_rows)
+            if grad_padded is None:
+                continue
+            # The gradient of the row windows: each kernel row's product lands shifted by the
+            # same row offset as in forward; then each of the kw column offsets is added into
+            # the padded input gradient.
+            grad_windows = self._scratch("grad_row_windows", windows.shape, grad_out)
+            torch.mm(grad_rows, weights[0].t(), out=grad_windows[:rows])
+            grad_windows[rows:].zero_()
+            for i in range(1, kh):
+                grad_windows[i * w_out : i * w_out + rows].addmm_(grad_rows, weights[i].t())
+            grad_windows = grad_windows[:rows].view(count, height, w_out, kw, c)
+            target = grad_padded[images]
+            for j in range(kw):
+                target[:, :, j : j + sw * (w_out - 1) + 1 : sw] += grad_windows[:, :, :, j]
+        grad_weight = grad_weights.view(kh, kw, c, self.out_channels).permute(3, 2, 0, 1)
+        self.grads["weight"] = grad_weight.contiguous()
+        self.grads["bias"] = grad_grid.view(-1, self.out_channels).sum(0)
+        if grad_padded is None:
+            return None
+        return grad_padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)
+
+    def _backward_im2col(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        (n, c, h, w), padded, (h_out, w_out, channels_last, _) = self.cache
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         per_image, taps = h_out * w_out, c * kh * kw
         grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * per_image, self.out_channels)
@@ -546,34 +657,111 @@ class MaxPool2D:
         if grad_out.stride() != out.stride():  # match the layout of `out`: faster loops below
             grad_out = torch.empty_like(out).copy_(grad_out)
         for rows in _image_chunks(len(x), x[0].numel() * x.element_size()):
-            chunk_takes = [take[rows] for take in takes]
-            self._route_gradient(grad_out[rows], chunk_takes, grad_in[rows], tiles_exactly)
+            self._route_gradient(
+                grad_out[rows],
+                [take[rows] for take in takes],
+                self._taps(grad_in[rows], h_out, w_out),
+                accumulate=not tiles_exactly,
+            )
         return grad_in
 
     def _route_gradient(
         self,
         grad_out: torch.Tensor,
         takes: list[torch.Tensor],
-        grad_in: torch.Tensor,
-        tiles_exactly: bool,
+        grad_taps: list[torch.Tensor],
+        accumulate: bool,
     ) -> None:
         """Give each window's gradient to the tap that took the window last, i.e. its first
-        maximum: from the last tap back, each takes what no later tap took."""
-        _, _, h_out, w_out = grad_out.shape
-        grad_taps = self._taps(grad_in, h_out, w_out)
+        maximum: from the last tap back, each takes what no later tap took. grad_taps[t]
+        (shaped like grad_out) receives tap t's share: written over, or with accumulate
+        (overlapping windows) added to."""
         remaining = grad_out
         for take, grad_tap in zip(reversed(takes), reversed(grad_taps[1:])):
-            if tiles_exactly:
-                torch.mul(remaining, take, out=grad_tap)
-                remaining = remaining - grad_tap
-            else:
+            if accumulate:
                 taken = remaining * take
                 grad_tap += taken
                 remaining = remaining - taken
-        if tiles_exactly:
-            grad_taps[0].copy_(remaining)
-        else:
+            else:
+                torch.mul(remaining, take, out=grad_tap)
+                remaining = remaining - grad_tap
+        if accumulate:
             grad_taps[0] += remaining
+        else:
+            grad_taps[0].copy_(remaining)
+
+
+def conv_weight_grad_through_pool(conv: Conv2D, pool: MaxPool2D, grad_pooled: torch.Tensor) -> None:
+    """Set conv.grads from the gradient of the max-pool its output feeds (directly, or through
+    a layer whose derivative grad_pooled already includes, such as a ReLU), without forming
+    the gradient of the convolution's full-size output. For a first layer, which needs no
+    input gradient; stride-1 convolutions only.
+
+    grad_pooled: (N, C_out, H_pool, W_pool), the gradient of pool's output.
+
+    Each pool window hands its gradient to one tap (dy, dx), the convolution output at
+    (py * s + dy, px * s + dx), which saw the padded input at (py * s + dy + i, px * s + dx + j).
+    So the weight gradient is one product of two matrices over window positions: the padded
+    input's (span_h * span_w * C_in) windows, span = pool kernel + conv kernel - 1, taken with
+    the pool's stride, and the (taps * C_out) gradient each window routes to each tap; the
+    (dy + i, dx + j) diagonals of that product sum to the (C_out, C_in, kh, kw) gradient.
+    For the first layer (1 -> 8 channels, 2x2 pool) the product is 16 x 32 over a quarter of
+    the positions where the plain one is 9 x 8 over all of them: BLAS runs it several times
+    faster, and the pool's full-size backward pass is not needed (measured).
+    """
+    if conv.stride != (1, 1):
+        raise ValueError("conv_weight_grad_through_pool needs a stride-1 convolution")
+    (n, c, _, _), padded, (_, _, channels_last, _) = conv.cache
+    _, out, takes = pool.cache
+    (kh, kw), (pool_h, pool_w), (sh, sw) = conv.kernel_size, pool.kernel_size, pool.stride
+    _, c_out, h_pool, w_pool = out.shape
+    span_h, span_w, taps = pool_h + kh - 1, pool_w + kw - 1, pool_h * pool_w
+    if grad_pooled.stride() != out.stride():  # the layout of the masks: faster loops
+        grad_pooled = torch.empty_like(out).copy_(grad_pooled)
+    per_image, width = h_pool * w_pool, span_h * span_w * c
+    products = grad_pooled.new_zeros((width, taps * c_out))
+    bytes_per_image = per_image * (width + taps * c_out) * grad_pooled.element_size()
+    for images in _image_chunks(n, bytes_per_image):
+        count = images.stop - images.start
+        routed = conv._scratch("routed", (count, h_pool, w_pool, taps, c_out), grad_pooled)
+        pool._route_gradient(
+            grad_pooled[images],
+            [take[images] for take in takes],
+            [routed[:, :, :, tap].permute(0, 3, 1, 2) for tap in range(taps)],
+            accumulate=False,
+        )
+        routed = routed.view(count * per_image, taps * c_out)
+        # The input's windows, copied in the order of its memory as in Conv2D._columns:
+        # (positions, (span_h, span_w, C_in)) rows for channels-last input, else
+        # ((C_in, span_h, span_w), positions), runs along W.
+        if channels_last:
+            stride_n, stride_h, stride_w, stride_c = padded.stride()
+            windows = padded[images].as_strided(
+                (count, h_pool, w_pool, span_h, span_w, c),
+                (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
+            )
+            columns = conv._scratch("pool_columns", (count * per_image, width), grad_pooled)
+            columns.view(windows.shape).copy_(windows)
+            products.addmm_(columns.t(), routed)
+        else:
+            stride_n, stride_c, stride_h, stride_w = padded.stride()
+            windows = padded[images].as_strided(
+                (c, span_h, span_w, count, h_pool, w_pool),
+                (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
+            )
+            columns = conv._scratch("pool_columns", (width, count * per_image), grad_pooled)
+            columns.view(windows.shape).copy_(windows)
+            products.addmm_(columns, routed)
+    if channels_last:
+        products = products.view(span_h, span_w, c, pool_h, pool_w, c_out)
+    else:
+        products = products.view(c, span_h, span_w, pool_h, pool_w, c_out).permute(1, 2, 0, 3, 4, 5)
+    grad_weight = grad_pooled.new_zeros((kh, kw, c, c_out))
+    for dy in range(pool_h):
+        for dx in range(pool_w):
+            grad_weight += products[dy : dy + kh, dx : dx + kw, :, dy, dx]
+    conv.grads["weight"] = grad_weight.permute(3, 2, 0, 1).contiguous()
+    conv.grads["bias"] = grad_pooled.sum((0, 2, 3))
 
 
 class ReLU:
@@ -717,8 +905,15 @@ class CNN:
                 # ReLU's mask is applied to the pooled gradient (a quarter of the size) and
                 # the ReLU's own full-size backward pass is skipped: the same numbers.
                 pooled = layer.cache[1]
-                mask = torch.gt(pooled, 0, out=torch.empty_like(pooled))
-                grad = layer.backward(mask.mul_(grad))
+                grad = torch.gt(pooled, 0, out=torch.empty_like(pooled)).mul_(grad)
+                conv = self.layers[index - 2] if index >= 2 else None
+                if isinstance(conv, Conv2D) and not conv.needs_input_grad and conv.stride == (1, 1):
+                    # The first convolution's weight gradient straight from the pooled one:
+                    # neither the pool's nor the convolution's full-size gradient is formed.
+                    conv_weight_grad_through_pool(conv, layer, grad)
+                    index -= 3
+                    continue
+                grad = layer.backward(grad)
                 index -= 2
             else:
                 grad = layer.backward(grad)

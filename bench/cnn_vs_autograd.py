@@ -8,6 +8,10 @@ and is evaluated on the test set.
 
     python bench/cnn_vs_autograd.py --data-dir ../shared/data
     python bench/cnn_vs_autograd.py --data-dir ../shared/data --device cuda
+    python bench/cnn_vs_autograd.py --data-dir ../shared/data --epochs 0 --layers
+
+It also prints each side's time per step over the repeats (min, median, max) and, with
+--layers, the median time of each from-scratch layer's forward and backward.
 
 The last line printed is the throughput ratio, from-scratch / torch.nn.
 """
@@ -41,6 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--epochs", type=int, default=5, help="epochs for the accuracy run (0: skip)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="also time each from-scratch layer's forward and backward (median per step)",
+    )
     return parser
 
 
@@ -128,6 +137,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def layer_times(trainer: Trainer, batches, train_x, train_y, device) -> dict[str, float]:
+    """Median milliseconds per step of each from-scratch layer's forward and backward (and of
+    the first convolution's weight gradient taken through its ReLU and max-pool), measured by
+    wrapping the methods of the trainer's model, and of the whole step."""
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, function):
+        def wrapper(*args, **kwargs):
+            synchronize(device)
+            started = time.perf_counter()
+            result = function(*args, **kwargs)
+            synchronize(device)
+            times.setdefault(name, []).append(1000 * (time.perf_counter() - started))
+            return result
+
+        return wrapper
+
+    model = trainer.model
+    for index, layer in enumerate(model.layers):
+        for method in ("forward", "backward"):
+            name = f"{index} {type(layer).__name__} {method}"
+            setattr(layer, method, timed(name, getattr(layer, method)))
+    through_pool = scratch.conv_weight_grad_through_pool
+    scratch.conv_weight_grad_through_pool = timed(
+        "0-2 Conv2D weight gradient through ReLU + MaxPool2D", through_pool
+    )
+    step = timed("whole step", trainer.step)
+    try:
+        for index in batches:
+            step(train_x[index], train_y[index])
+    finally:
+        scratch.conv_weight_grad_through_pool = through_pool
+        for layer in model.layers:
+            del layer.forward, layer.backward
+    warmup = min(5, len(batches) // 2)  # the first steps allocate and warm the caches
+    return {name: statistics.median(values[warmup:]) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = scratch.select_device(args.device)
@@ -166,6 +213,21 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[kind].append(time.perf_counter() - started)
     images = args.steps * args.batch_size
     rate = {kind: images / statistics.median(times) for kind, times in seconds.items()}
+    for kind, times in seconds.items():
+        per_step = sorted(1000 * t / args.steps for t in times)
+        print(
+            f"{kind}: ms per step over the {len(times)} repeats: min {per_step[0]:.1f}, "
+            f"median {statistics.median(per_step):.1f}, max {per_step[-1]:.1f}",
+            flush=True,
+        )
+
+    if args.layers:
+        trainer = Trainer("scratch", args, device, steps_per_epoch)
+        count = args.steps * args.repeats
+        medians = layer_times(trainer, batches[:count], train_x, train_y, device)
+        print(f"from-scratch step by layer, median of {count} steps (ms):")
+        for name, milliseconds in medians.items():
+            print(f"  {name:<52}{milliseconds:7.2f}", flush=True)
 
     accuracy = {}
     if args.epochs:

@@ -131,6 +131,57 @@ def test_maxpool2d_ties_go_to_the_first_maximum_like_torch(kernel, stride):
     torch.testing.assert_close(grad_in, x_ref.grad, **TOL)
 
 
+def conv_pool_cases() -> list[tuple]:
+    """Conv kernel 1/3/5 x padding 0/1/2 x pools that tile, overlap, leave gaps, rectangular."""
+    rng = random.Random(4321)
+    pools = ((2, None), (3, 2), (2, 1), (2, 3), ((2, 3), (1, 2)))
+    cases = []
+    for (kernel, padding), (pool_kernel, pool_stride) in itertools.product(
+        ((1, 0), (3, 1), (3, 0), (5, 2)), pools
+    ):
+        batch, c_in, c_out = rng.choice((1, 2, 3)), rng.choice((1, 3)), rng.choice((2, 5))
+        height, width = rng.randint(kernel + 3, 12), rng.randint(kernel + 3, 13)
+        cases.append((batch, c_in, c_out, height, width, kernel, padding, pool_kernel, pool_stride))
+    return cases
+
+
+@pytest.mark.parametrize(
+    "batch,c_in,c_out,height,width,kernel,padding,pool_kernel,pool_stride", conv_pool_cases()
+)
+def test_conv_weight_gradient_through_pool_matches_autograd(
+    batch, c_in, c_out, height, width, kernel, padding, pool_kernel, pool_stride
+):
+    """The first layer's shortcut (conv -> ReLU -> max-pool, weight gradient straight from the
+    pooled gradient) against conv2d -> relu -> max_pool2d in autograd."""
+    torch.manual_seed(hash((batch, c_in, c_out, height, width, kernel)) % 2**31)
+    conv = cnn.Conv2D(c_in, c_out, kernel, padding=padding, dtype=F64)
+    conv.params["bias"].normal_()
+    for x in layouts(torch.randn(batch, c_in, height, width, dtype=F64)):
+        conv.needs_input_grad = False
+        pool = cnn.MaxPool2D(pool_kernel, pool_stride)
+        pooled = pool.forward(cnn.ReLU(inplace=True).forward(conv.forward(x)))
+        grad_pooled = torch.randn_like(pooled)
+        cnn.conv_weight_grad_through_pool(conv, pool, (pooled > 0) * grad_pooled)
+
+        weight = conv.params["weight"].clone().requires_grad_()
+        bias = conv.params["bias"].clone().requires_grad_()
+        pooled_ref = F.max_pool2d(
+            F.relu(F.conv2d(x, weight, bias, padding=padding)), pool_kernel, pool_stride
+        )
+        pooled_ref.backward(grad_pooled)
+        torch.testing.assert_close(pooled, pooled_ref.detach(), **TOL)
+        torch.testing.assert_close(conv.grads["weight"], weight.grad, **TOL)
+        torch.testing.assert_close(conv.grads["bias"], bias.grad, **TOL)
+
+
+def test_conv_weight_gradient_through_pool_needs_stride_one():
+    conv = cnn.Conv2D(1, 2, 3, stride=2, dtype=F64)
+    pool = cnn.MaxPool2D(2)
+    pooled = pool.forward(conv.forward(torch.randn(1, 1, 9, 9, dtype=F64)))
+    with pytest.raises(ValueError, match="stride-1"):
+        cnn.conv_weight_grad_through_pool(conv, pool, torch.ones_like(pooled))
+
+
 def test_relu_flatten_linear_match_autograd():
     x = torch.randn(4, 3, 5, 6, dtype=F64)
     x[x.abs() < 1e-3] = 0.5  # keep away from the kink at 0

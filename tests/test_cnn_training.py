@@ -265,6 +265,43 @@ def test_importing_runs_nothing():
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
 
 
+def test_benchmark_reports_ratio_accuracy_and_every_layer(mnist_dir, capsys):
+    """bench/cnn_vs_autograd.py end to end on the written IDX files (tiny sizes): its last
+    line is the ratio, both accuracies are printed, --layers times every layer and then puts
+    the model and module back as they were."""
+    from bench import cnn_vs_autograd as bench
+
+    through_pool = cnn.conv_weight_grad_through_pool
+    args = ["--data-dir", str(mnist_dir), "--batch-size", "64", "--steps", "2"]
+    assert bench.main([*args, "--repeats", "2", "--epochs", "1", "--layers"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ratio = float(lines[-1].rsplit(" ", 1)[1].rstrip("x"))
+    assert lines[-1].startswith("throughput ratio from-scratch / torch.nn:") and ratio > 0
+    rows = {line.split()[0]: line for line in lines if line.startswith(("scratch ", "torch.nn "))}
+    assert set(rows) == {"scratch", "torch.nn"} and all("%" in row for row in rows.values())
+    timed = [line.strip() for line in lines if line.startswith("  ")]
+    expected = [
+        f"{index} {type(layer).__name__} {method}"
+        for method in ("forward", "backward")
+        for index, layer in enumerate(cnn.CNN().layers)
+        # Backward skips a ReLU before a max-pool (CNN.backward applies its mask to the pooled
+        # gradient) and layers 0-2 (the first convolution's gradient goes through the pool).
+        if method == "forward" or (index > 2 and not isinstance(layer, cnn.ReLU))
+    ]
+    milliseconds = {}
+    for name in [*expected, "0-2 Conv2D weight gradient through ReLU + MaxPool2D", "whole step"]:
+        matching = [line for line in timed if line.startswith(name + " ")]
+        assert len(matching) == 1, name
+        milliseconds[name] = float(matching[0].rsplit(" ", 1)[1])
+    assert len(timed) == len(milliseconds)  # nothing else was timed
+    assert (
+        0
+        < max(v for k, v in milliseconds.items() if k != "whole step")
+        < milliseconds["whole step"]
+    )
+    assert cnn.conv_weight_grad_through_pool is through_pool
+
+
 def real_mnist_root() -> Path | None:
     for candidate in (os.environ.get("MNIST_ROOT"), REPO.parent / "shared" / "data"):
         if candidate and (Path(candidate) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
