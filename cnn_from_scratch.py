@@ -397,13 +397,21 @@ class Conv2D:
         return buffer[:size].view(shape)
 
     def _columns(
-        self, padded: torch.Tensor, h_out: int, w_out: int, channels_last: bool
+        self,
+        padded: torch.Tensor,
+        h_out: int,
+        w_out: int,
+        channels_last: bool,
+        window: tuple[int, int] | None = None,
+        stride: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """im2col of (some images of) the padded input: (positions, K) rows, in a reused
         buffer. Channels-last input gives (positions, K) copied in runs of kw * C_in values;
         otherwise (C_in * K, positions) is filled in runs along W and returned as a transposed
-        view, which BLAS reads as is."""
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        view, which BLAS reads as is. K is ordered as in _weight_matrix. window and stride
+        default to the layer's kernel and stride (conv_weight_grad_through_pool takes wider
+        windows at the pool's stride)."""
+        (kh, kw), (sh, sw) = window or self.kernel_size, stride or self.stride
         count, c = len(padded), self.in_channels
         if channels_last:
             stride_n, stride_h, stride_w, stride_c = padded.stride()
@@ -432,10 +440,10 @@ class Conv2D:
     def _uses_kernel_rows(self, padded: torch.Tensor, channels_last: bool) -> bool:
         """Kernel rows need channels-last input whose (W, C) values are contiguous (always
         true of the padded buffer) and a vertical stride of 1, the row shift being exact."""
-        _, _, stride_w, stride_c = padded.stride() if channels_last else (0, 0, 0, 0)
-        return (
-            channels_last and self.stride[0] == 1 and stride_c == 1 and stride_w == padded.shape[3]
-        )
+        if not channels_last or self.stride[0] != 1:
+            return False
+        _, _, stride_w, stride_c = padded.stride()
+        return stride_c == 1 and stride_w == padded.shape[3]
 
     def _row_windows(self, padded: torch.Tensor, w_out: int) -> torch.Tensor:
         """For some images of the channels-last padded input (count, H_pad, W_pad, C_in):
@@ -731,27 +739,10 @@ def conv_weight_grad_through_pool(conv: Conv2D, pool: MaxPool2D, grad_pooled: to
             accumulate=False,
         )
         routed = routed.view(count * per_image, taps * c_out)
-        # The input's windows, copied in the order of its memory as in Conv2D._columns:
-        # (positions, (span_h, span_w, C_in)) rows for channels-last input, else
-        # ((C_in, span_h, span_w), positions), runs along W.
-        if channels_last:
-            stride_n, stride_h, stride_w, stride_c = padded.stride()
-            windows = padded[images].as_strided(
-                (count, h_pool, w_pool, span_h, span_w, c),
-                (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
-            )
-            columns = conv._scratch("pool_columns", (count * per_image, width), grad_pooled)
-            columns.view(windows.shape).copy_(windows)
-            products.addmm_(columns.t(), routed)
-        else:
-            stride_n, stride_c, stride_h, stride_w = padded.stride()
-            windows = padded[images].as_strided(
-                (c, span_h, span_w, count, h_pool, w_pool),
-                (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
-            )
-            columns = conv._scratch("pool_columns", (width, count * per_image), grad_pooled)
-            columns.view(windows.shape).copy_(windows)
-            products.addmm_(columns, routed)
+        windows = conv._columns(
+            padded[images], h_pool, w_pool, channels_last, (span_h, span_w), (sh, sw)
+        )
+        products.addmm_(windows.t(), routed)
     if channels_last:
         products = products.view(span_h, span_w, c, pool_h, pool_w, c_out)
     else:
