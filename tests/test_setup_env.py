@@ -1,8 +1,11 @@
-"""setup_env.sh: options, exported variables, idempotence, and --prefetch without internet.
+"""setup_env.sh: options, exported variables, idempotence, the CUDA build of torch it picks for
+a node, and --prefetch without internet.
 
 --prefetch is exercised offline (a proxy on a closed port makes every download fail at once):
-present and valid files are verified and kept, missing or corrupt ones give a clear message and
-exit 1, never a stack trace. Its inline Python is also held to the project's ruff rules.
+present and valid files are verified and kept, missing or corrupt ones are named with their
+download addresses and exit 1, nothing on disk changes, never a stack trace. Its inline Python
+is also held to the project's ruff rules. The torch choice runs against a stand-in nvidia-smi
+and a stand-in venv whose python records its calls.
 """
 
 from __future__ import annotations
@@ -63,13 +66,33 @@ def test_exports_defaults_and_keeps_user_values(tmp_path):
 
 
 def fake_venv(folder: Path) -> Path:
-    """A stand-in venv whose python records its calls: enough to test install bookkeeping."""
+    """A stand-in venv whose python records its calls (enough to test install bookkeeping) and
+    answers `-c ...` (the torch CUDA query) with the contents of torch_cuda."""
     (folder / "bin").mkdir(parents=True)
     python = folder / "bin" / "python"
-    python.write_text(f'#!/bin/sh\necho "$*" >> "{folder}/calls"\n')
+    python.write_text(
+        f'#!/bin/sh\necho "$*" >> "{folder}/calls"\n'
+        f'if [ "$1" = -c ]; then cat "{folder}/torch_cuda" 2>/dev/null; fi\n'
+    )
     python.chmod(0o755)
     (folder / "bin" / "activate").write_text(f'export VIRTUAL_ENV="{folder}"\n')
     return folder
+
+
+def fake_nvidia_smi(folder: Path, cuda: str) -> str:
+    """A folder holding an nvidia-smi that prints the banner line of a driver for `cuda`; a
+    PATH with it first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    smi = folder / "nvidia-smi"
+    banner = f"| NVIDIA-SMI 550.54.15    Driver Version: 550.54.15    CUDA Version: {cuda}     |"
+    smi.write_text(f"#!/bin/sh\necho '{banner}'\n")
+    smi.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def torch_installs(venv: Path) -> list[str]:
+    calls = (venv / "calls").read_text().splitlines() if (venv / "calls").exists() else []
+    return [call for call in calls if call.startswith("-m pip install --quiet torch torchvision")]
 
 
 def test_installs_only_when_requirements_change(tmp_path):
@@ -85,6 +108,63 @@ def test_installs_only_when_requirements_change(tmp_path):
     (venv / ".requirements.installed").write_text("torch>=2.4\n")  # requirements.txt changed
     assert "installing requirements.txt" in bash("./setup_env.sh", env).stdout
     assert (venv / "calls").read_text().count("-m pip install --quiet -r") == 2
+    assert not torch_installs(venv)  # no NVIDIA driver here: requirements.txt's torch as it is
+
+
+@pytest.mark.parametrize(
+    ("driver", "index"),
+    [("12.4", "cu124"), ("12.5", "cu124"), ("12.8", "cu128"), ("13.1", "cu130"), ("11.8", "cu118")],
+)
+def test_gpu_node_gets_the_newest_torch_build_its_driver_runs(tmp_path, driver, index):
+    venv = fake_venv(tmp_path / "venv")
+    (venv / "torch_cuda").write_text("13.0\n")  # e.g. PyPI's build, installed on a login node
+    env = clean_env(VENV_DIR=venv, PATH=fake_nvidia_smi(tmp_path / "bin", driver))
+    result = bash("./setup_env.sh", env)
+    assert result.returncode == 0, result.stderr
+    if driver == "13.1":  # 13.0 runs on it: nothing to replace
+        assert not torch_installs(venv)
+        return
+    url = f"https://download.pytorch.org/whl/{index}"
+    assert torch_installs(venv) == [f"-m pip install --quiet torch torchvision --index-url {url}"]
+    assert f"installing torch and torchvision from {url} (driver: CUDA {driver};" in result.stdout
+    (venv / "torch_cuda").write_text(f"{driver}\n")  # what that install brought
+    assert bash("./setup_env.sh", env).returncode == 0
+    assert len(torch_installs(venv)) == 1  # done once
+
+
+def test_gpu_node_keeps_a_torch_its_driver_runs_and_warns_on_a_driver_too_old(tmp_path):
+    venv = fake_venv(tmp_path / "venv")
+    (venv / "torch_cuda").write_text("12.1\n")
+    env = clean_env(VENV_DIR=venv, PATH=fake_nvidia_smi(tmp_path / "bin", "12.4"))
+    assert bash("./setup_env.sh", env).returncode == 0
+    assert not torch_installs(venv)
+    (venv / ".torch-cuda").unlink(missing_ok=True)  # the remembered answer: ask again
+    (venv / "torch_cuda").write_text("12.6\n")
+    env = clean_env(VENV_DIR=venv, PATH=fake_nvidia_smi(tmp_path / "old", "11.4"))
+    result = bash("./setup_env.sh", env)
+    assert result.returncode == 0 and not torch_installs(venv)
+    assert "supports CUDA 11.4, older than any PyTorch build" in result.stderr
+
+
+def test_torch_index_url_chooses_the_build_once(tmp_path):
+    venv = fake_venv(tmp_path / "venv")
+    url = "https://download.pytorch.org/whl/cu126"
+    env = clean_env(VENV_DIR=venv, TORCH_INDEX_URL=url)  # e.g. on a login node, for the GPUs
+    assert bash("./setup_env.sh", env).returncode == 0
+    assert bash("./setup_env.sh", env).returncode == 0
+    assert torch_installs(venv) == [f"-m pip install --quiet torch torchvision --index-url {url}"]
+    assert (venv / ".torch-index").read_text().strip() == url
+
+
+def test_failed_torch_install_says_where_to_run_it(tmp_path):
+    venv = fake_venv(tmp_path / "venv")
+    (venv / "bin" / "python").write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nexit 1\n')
+    env = clean_env(VENV_DIR=venv, PATH=fake_nvidia_smi(tmp_path / "bin", "12.6"))
+    result = bash("./setup_env.sh", env)
+    assert result.returncode == 1
+    url = "https://download.pytorch.org/whl/cu126"
+    assert f"could not install torch from {url}" in result.stderr
+    assert f"TORCH_INDEX_URL={url} ./setup_env.sh" in result.stderr
 
 
 def test_failed_install_says_what_to_do(tmp_path):
@@ -108,6 +188,16 @@ def prefetch(data_dir: Path, torch_home: Path) -> subprocess.CompletedProcess:
     return bash("./setup_env.sh --prefetch", env, timeout=600)
 
 
+def tree(folder: Path) -> dict:
+    """Every path under `folder` with its size (None for folders): what "unchanged" compares."""
+    if not folder.exists():
+        return {}
+    return {
+        str(path.relative_to(folder)): None if path.is_dir() else path.lstat().st_size
+        for path in sorted(folder.rglob("*"))
+    }
+
+
 def test_prefetch_offline_keeps_valid_files_and_explains_the_rest(tmp_path):
     source = mnist_source()
     if source is None:
@@ -116,16 +206,37 @@ def test_prefetch_offline_keeps_valid_files_and_explains_the_rest(tmp_path):
     raw.mkdir(parents=True)
     for name in MNIST_FILES:
         (raw / name).symlink_to(source / name)
+    before = tree(tmp_path)
     result = prefetch(tmp_path / "data", tmp_path / "torch")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "MNIST present and verified (SHA-256)" in result.stdout
     for what in ("EMNIST (536 MB): FAILED to download", "ResNet-18 weights: FAILED to download"):
         assert what in result.stderr
-    assert "no internet access" in result.stderr and "login node" in result.stderr
+    assert "no internet access; nothing was written" in result.stderr
+    assert "login node" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+    assert tree(tmp_path) == before  # no empty EMNIST/raw, no torch/hub/checkpoints
 
 
-def test_prefetch_replaces_corrupt_files_offline_with_a_clear_message(tmp_path):
+def test_prefetch_offline_creates_nothing_and_names_every_file_and_address(tmp_path):
+    data_dir, torch_home = tmp_path / "shared" / "data", tmp_path / "torch"
+    data_dir.mkdir(parents=True)
+    result = prefetch(data_dir, torch_home)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert tree(tmp_path) == {"shared": None, "shared/data": None}
+    err = result.stderr
+    for name in MNIST_FILES:
+        assert f"https://ossci-datasets.s3.amazonaws.com/mnist/{name}.gz\n" in err
+        assert f"-> {data_dir}/MNIST/raw/{name} (gunzipped)" in err
+    assert "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip\n" in err
+    emnist = "gzip/emnist-byclass-{train,test}-{images-idx3,labels-idx1}-ubyte.gz"
+    assert f"-> {data_dir}/EMNIST/raw/: unzip it, and gunzip its {emnist} there" in err
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth\n" in err
+    assert f"-> {torch_home}/hub/checkpoints/resnet18-f37072fd.pth" in err
+    assert "Traceback" not in result.stdout + err
+
+
+def test_prefetch_offline_names_corrupt_files_and_leaves_them(tmp_path):
     source = mnist_source()
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -139,15 +250,16 @@ def test_prefetch_replaces_corrupt_files_offline_with_a_clear_message(tmp_path):
     weights = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"not the published weights")
+    before = tree(tmp_path)
     result = prefetch(tmp_path / "data", tmp_path / "torch")
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
-    assert f"{raw / MNIST_FILES[0]} is incomplete or corrupt: removing it" in output
+    assert f"{raw / MNIST_FILES[0]} is incomplete or corrupt: replace it" in output
     assert f"{emnist / 'emnist-byclass-train-images-idx3-ubyte'} is incomplete" in output
     assert "does not match its published SHA-256 prefix f37072fd" in output
     for what in ("MNIST", "EMNIST (536 MB)", "ResNet-18 weights"):
         assert f"prefetch: {what}: FAILED to download" in result.stderr
-    assert not weights.exists() and not (raw / MNIST_FILES[0]).exists()
+    assert tree(tmp_path) == before  # offline, nothing is removed either
     assert "Traceback" not in output
 
 
