@@ -1,75 +1,43 @@
 """ResNet-18 (ImageNet weights) on EMNIST ByClass (62 classes: 0-9A-Za-z) in two regimes.
 
-    linear_probe      everything but a new 62-way `fc` frozen; the frozen backbone is run once
-                      per split to cache its 512-d features, then `fc` trains on those.
-                      Trainable: 31,806 parameters. Default lr 0.01, at most 15 epochs.
-    partial_unfreeze  `layer4` and `fc` trainable, everything up to `layer3` frozen in eval mode
-                      (BatchNorm statistics included). Trainable: 8,425,534 parameters.
-                      Default lr 5e-4, at most 20 epochs, 1 epoch of warmup.
+    linear_probe      a new 62-way `fc` trains (31,806 parameters) on the frozen backbone's
+                      512-d features, computed once per split.
+    partial_unfreeze  `layer4` + `fc` train (8,425,534 parameters); everything up to `layer3`
+                      stays frozen in eval mode (BatchNorm statistics included), so its output
+                      is computed once per split too (--cache-frozen) and steps run layer4 + fc.
 
-Both: AdamW on the trainable parameters only, linear warmup then cosine decay (per step),
-early stopping on validation accuracy (a stratified 10% of train) with the best epoch's weights
-restored for the single test evaluation; mixed precision by default (bf16 autocast where
-supported, else fp16 with a GradScaler; bf16 autocast on the CPU); the uint8 images live on the
-device and are resized (28 -> --img-size, bilinear) and normalised there per batch. The grey
-image meets the RGB stem by summing the pretrained conv1 weights over RGB, which equals
-repeating the grey channel three times (one mean/std for all three channels) at a third of the
-stem's cost.
+Both: AdamW on the trainable parameters, linear warmup then cosine decay per step, early
+stopping on a stratified 10% validation split, and the best epoch's weights for the one test
+evaluation. Mixed precision: bf16 autocast on the CPU and on GPUs of compute capability >= 8.0,
+fp16 with a GradScaler on older GPUs. The uint8 images live on the device and are resized and
+normalised there per batch; the grey image meets the RGB stem through conv1 summed over RGB
+(the same as repeating the grey channel three times, at a third of the cost).
 
-Run:
+    python resnet18.py --data-dir ../shared/data            # both regimes, then a comparison
+    python resnet18.py --regime partial_unfreeze --epochs 5 # one regime
+    python resnet18.py --resume results/resnet_<stamp>      # continue a stopped run
+    python resnet18.py --summarize results/resnet_*         # several seeds: mean and spread
+    sbatch run_resnet.sbatch                                # SLURM; requeues near the limit
+    torchrun --standalone --nproc-per-node=4 resnet18.py    # DDP on the 4 GPUs of a machine
+    sbatch --nodes=2 --gpus-per-node=4 run_resnet.sbatch    # 2 nodes: srun starts torchrun
+    sbatch --ntasks-per-node=4 --gpus-per-node=4 run_resnet.sbatch  # srun: a task per GPU
 
-    python resnet18.py --data-dir ../shared/data                # both regimes, then a comparison
-    python resnet18.py --regime partial_unfreeze --epochs 5     # one regime, fewer epochs
-    python resnet18.py --resume auto                            # continue the newest run
-    sbatch run_resnet.sbatch                                    # the same on a SLURM cluster
+With several processes --batch-size is per process (the global batch is that times the
+processes; --lr-scaling), rank 0 alone prints and writes, a stop signal to any process stops
+all after the same step, and a run resumes only with the same number of processes.
 
-Several processes, through PyTorch's DistributedDataParallel (NCCL on CUDA, one GPU per process
-chosen by local rank; gloo on the CPU), launched by torchrun or srun:
-
-    torchrun --standalone --nproc-per-node=4 resnet18.py       # 4 GPUs of one machine
-    sbatch --nodes=2 --gpus-per-node=4 run_resnet.sbatch        # 2 nodes: srun + torchrun each
-    sbatch --ntasks=2 run_resnet.sbatch                         # srun, one task per process
-
---batch-size is per process (the global batch is that times the processes; --lr-scaling says
-how the learning rate follows it, default unchanged). Every rank holds the uint8 data and takes
-every world_size-th index of each global batch of one seeded permutation; features (linear
-probe) and evaluations are sharded and gathered/all-reduced exactly; rank 0 alone prints and
-writes; a signal to any rank stops all after the same step, and the run resumes only with the
-same number of processes. On CUDA layer4's BatchNorms become SyncBatchNorm (global-batch
-statistics); on the CPU PyTorch has none, so they normalise each process's share.
-
-Measured on a 2-core AMD EPYC, no GPU (shared with other jobs; one torch thread), synthetic
-EMNIST-shaped data:
-
-    python bench/resnet_pipeline.py      on-device batches at 96 px: 49,025 images/s against
-                                         2,677 for torchvision's DataLoader (PIL Resize,
-                                         Grayscale(3), ToTensor, Normalize, 2 workers): 18.3x
-                                         (8.8x at 64 px, 19.3x at 96, 20.1x at 112 on 8,192
-                                         images: why the default --img-size is 96)
-    python bench/linear_probe_cache.py   cached features against the frozen backbone every
-                                         epoch (512 images, 96 px, 15 epochs): 12.8x and 13.0x
-                                         in two runs, identical fc weights at the end
-    python bench/resnet_optimizer_proxy.py   AdamW against SGD-Nesterov at the seed's lrs on
-                                         scikit-learn's handwritten digits (a proxy, random
-                                         backbone): training loss 0.385 vs 0.696 (probe, 15
-                                         epochs), 0.014 vs 0.306 (partial unfreeze, 4 epochs)
-
-Not yet measured: the full-scale GPU run (`python bench/resnet_full_gpu.py`: both regimes on
-697,932 + 116,323 images; goals <= 15 minutes on one H100 and >= 88% partial-unfreeze test
-accuracy) and any EMNIST accuracy; no EMNIST figure is claimed here.
-
-Exit codes: 0 done; 1 another process of a distributed job died or hung (or this one failed);
-2 bad input (the message says what to fix); 3 the loss diverged (NaN/inf; the last good
-checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint: rerun with
-`--resume auto` to continue exactly where it stopped (a finished regime is not redone).
+Exit codes: 0 finished; 1 a write failed, or another process of the job died; 2 bad input (one
+`error:` line says what to fix); 3 the loss diverged; 75 stopped by SIGTERM/SIGUSR1 after a
+checkpoint (the SLURM wrapper requeues); 130 stopped by Ctrl-C after a checkpoint. A stopped
+run's last lines give the command that continues it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
+import fcntl
 import inspect
 import io
 import json
@@ -77,96 +45,65 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+if __name__ == "__main__":
+    # Hold stop signals while torch imports (seconds): StopSignal takes them when it starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
-RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written; `--resume auto` continues
-DIVERGED_EXIT_CODE = 3
-USAGE_EXIT_CODE = 2
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
 RUN_PREFIX = "resnet"
-# The run-level record: every run folder has it from the start, so `--resume` finds runs by it;
-# each regime's own checkpoints are <regime>/last.pt and <regime>/best.pt.
-RUN_RECORD = "config.json"
-LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pt", "best.pt"
+# Options a resume takes from config.json; an explicit value that differs is refused.
+RUN_DEFINING_ARGS = (
+    *("regime", "epochs", "lr", "weight_decay", "warmup_epochs", "patience", "min_delta"),
+    *("batch_size", "img_size", "amp", "limit_train", "limit_test", "val_fraction", "seed"),
+    *("weights", "lr_scaling", "data_dir"),
+)
+PROGRESS_FILES = ("*/last.pt", "*/metrics.json")
+HISTORY_FILES = ("linear_probe/history.csv", "partial_unfreeze/history.csv")
 
 EMNIST_BYCLASS_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 NUM_CLASSES = len(EMNIST_BYCLASS_CHARS)
-# One grey mean/std for all three stem channels: the mean of ImageNet's per-channel statistics,
-# so the pretrained stem sees inputs on the scale it was trained on. A single value (not three)
-# is what makes summing conv1 over RGB exactly equal to repeating the grey channel.
+# One grey mean/std for all three stem channels (the mean of ImageNet's): what makes summing
+# conv1 over RGB exactly equal to repeating the grey channel.
 GREY_MEAN = (0.485 + 0.456 + 0.406) / 3
 GREY_STD = (0.229 + 0.224 + 0.225) / 3
 DEFAULT_IMG_SIZE = 96
 FEATURE_DIM = 512
-EVAL_BATCH_SIZE = 1024
-MOST_CONFUSED_PAIRS = 30
-MOST_CONFUSED_COLUMNS = (
-    "true_label",
-    "true_char",
-    "predicted_label",
-    "predicted_char",
-    "count",
-    "share_of_true_class",
-)
-FINITE_CHECK_INTERVAL = 50  # steps between loss checks (each check waits for the GPU)
-# Several processes (DDP): the global batch is --batch-size x processes, and --lr-scaling
-# relates the learning rate to it; the regimes' default learning rates were set at this batch.
-LR_REFERENCE_BATCH = 512
-LR_SCALING_RULES = ("none", "sqrt", "linear")
-DIST_FAILURE_EXIT_CODE = 1  # another process of a distributed job died or hung
-
+EVAL_BATCH_SIZE = 4096  # evaluation and caching batches (fewer where memory is short)
+FINITE_CHECK_INTERVAL = 50  # steps between the stop/divergence votes (each waits for the GPU)
+DIVERGED_LOSS = 1e4  # a mean cross-entropy above this has diverged (chance: ln 62 = 4.1)
+CACHE_MEMORY_SHARE = 0.5  # --cache-frozen auto: the cache may take this share of free memory
+LR_REFERENCE_BATCH = 512  # the global batch the regimes' default learning rates were set at
 REGIMES = ("linear_probe", "partial_unfreeze")
 TRAINABLE_PREFIXES = {"linear_probe": ("fc.",), "partial_unfreeze": ("layer4.", "fc.")}
-# Per-regime defaults; --epochs/--lr/--warmup-epochs/--weight-decay override them.
 REGIME_DEFAULTS = {
     "linear_probe": {"epochs": 15, "lr": 0.01, "warmup_epochs": 0.0, "weight_decay": 0.0},
     "partial_unfreeze": {"epochs": 20, "lr": 5e-4, "warmup_epochs": 1.0, "weight_decay": 0.01},
 }
-# Hyperparameters that define a run: on resume they come from config.json, and an explicit
-# command-line value that contradicts it is an error rather than a silent change.
-RUN_DEFINING_ARGS = (
-    "regime",
-    "epochs",
-    "lr",
-    "weight_decay",
-    "warmup_epochs",
-    "patience",
-    "min_delta",
-    "batch_size",
-    "img_size",
-    "amp",
-    "limit_train",
-    "limit_test",
-    "val_fraction",
-    "seed",
-    "weights",
-    "lr_scaling",
-)
+# The forward pass in stages; a regime's first FROZEN_STAGES never change, so their output per
+# image is computed once (the 512-d features, or layer3's 256 x 6 x 6 at 96 px).
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
+FROZEN_STAGES = {"linear_probe": 6, "partial_unfreeze": 4}
+PERCENT_METRICS = ("test_accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
 METRIC_KEYS = (
-    "test_accuracy",
-    "top5_accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "weighted_f1",
-    "test_loss",
-    "trainable_params",
-    "epochs_run",
-    "best_epoch",
-    "stopped_early",
-    "train_time_s",
-    "images_per_s",
-    "peak_memory_mb",
+    *PERCENT_METRICS,
+    *("test_loss", "trainable_params", "epochs_run", "best_epoch", "stopped_early"),
+    *("train_time_s", "images_per_s", "peak_memory_mb"),
 )
 
 
@@ -176,224 +113,203 @@ METRIC_KEYS = (
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Fine-tune ImageNet ResNet-18 on EMNIST ByClass: linear probe and/or "
         "partial unfreeze (layer4 + fc).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--data-dir",
         default=os.environ.get("DATA_DIR", "./data"),
-        help="folder holding EMNIST/raw/ (torchvision layout); downloaded there when missing "
+        help="folder holding EMNIST/raw/ (torchvision's layout), downloaded there when missing "
         "and online. Default: $DATA_DIR, else ./data",
     )
     parser.add_argument(
         "--output-dir",
         default=os.environ.get("RESULTS_DIR", "./results"),
-        help="where the timestamped results folder is created. Default: $RESULTS_DIR, else "
-        "./results",
+        help="where run folders are made. Default: $RESULTS_DIR, else ./results",
     )
     parser.add_argument(
         "--regime",
         default="both",
         choices=[*REGIMES, "both"],
-        help="what to train; 'both' runs linear_probe then partial_unfreeze and compares them",
+        help="what to train; both: linear_probe, then partial_unfreeze, then a comparison",
     )
+    for name, kind, what in (
+        ("epochs", positive_int, "most epochs (early stopping may end sooner)"),
+        ("lr", positive_float, "peak AdamW learning rate"),
+        ("weight_decay", non_negative_float, "AdamW's decoupled weight decay"),
+        ("warmup_epochs", non_negative_float, "linear warmup in epochs, then cosine decay"),
+    ):
+        per_regime = [f"{values[name]:g} {regime}" for regime, values in REGIME_DEFAULTS.items()]
+        flag, help_text = "--" + name.replace("_", "-"), f"{what}; default: {', '.join(per_regime)}"
+        parser.add_argument(flag, type=kind, help=help_text)
     parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="maximum epochs (early stopping may end sooner); default: 15 linear_probe, "
-        "20 partial_unfreeze",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="peak AdamW learning rate; default: 0.01 linear_probe, 5e-4 partial_unfreeze",
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="AdamW (decoupled) weight decay; default: 0 linear_probe, 0.01 partial_unfreeze",
-    )
-    parser.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=None,
-        help="linear warmup length in epochs, then cosine decay to 0 at the last epoch; "
-        "default: 0 linear_probe, 1 partial_unfreeze",
-    )
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=3,
-        help="early stopping: epochs without a validation-accuracy improvement before stopping",
+        "--patience", type=positive_int, default=3, help="early stopping: epochs without a gain"
     )
     parser.add_argument(
         "--min-delta",
-        type=float,
+        type=non_negative_float,
         default=0.0005,
-        help="early stopping: the smallest validation-accuracy gain (a fraction: 0.001 = 0.1 "
-        "points) that counts as an improvement",
+        help="early stopping: the validation-accuracy gain that counts (0.001 = 0.1 points)",
     )
     parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=512,
-        help="training batch size of each process (the global batch is this times the number "
-        "of processes of a torchrun/srun launch)",
+        "--batch-size", type=positive_int, default=512, help="training batch of each process"
     )
     parser.add_argument(
         "--img-size",
-        type=int,
+        type=number_type(int, lambda side: 32 <= side <= 512, "a side from 32 to 512"),
         default=DEFAULT_IMG_SIZE,
-        help="side the 28x28 images are resized to on the device (bilinear); at least 32",
+        help="side the 28x28 images are resized to on the device (bilinear)",
     )
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="mixed precision: bf16 autocast where supported (CPU, recent GPUs), else fp16 "
-        "with a GradScaler",
+        help="mixed precision: bf16 (CPU, compute capability >= 8.0), else fp16 + GradScaler",
     )
     parser.add_argument(
-        "--limit-train",
-        type=int,
-        default=None,
-        help="use a seeded stratified subset of this many training-file images (the "
-        "validation split is taken from it); default: all",
+        "--limit-train", type=positive_int, help="a stratified subset of the training images"
     )
     parser.add_argument(
-        "--limit-test",
-        type=int,
-        default=None,
-        help="use a seeded stratified subset of this many test images; default: all",
+        "--limit-test", type=positive_int, help="a stratified subset of the test images"
     )
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=number_type(float, lambda share: 0 < share < 1, "a fraction between 0 and 1"),
         default=0.1,
-        help="fraction of the training images held out (stratified, seeded) for validation "
-        "and early stopping",
+        help="share of the training images held out for validation and early stopping",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for fc init, split, shuffling")
+    parser.add_argument("--seed", type=seed_int, default=0, help="fc's init, splits, shuffles")
+    return add_run_options(parser)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that say where and how a run goes, not what it computes (most of them)."""
     parser.add_argument(
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda", "mps"],
-        help="auto picks cuda, then mps, then cpu",
+        help="auto: cuda, else mps, else cpu (an error in a SLURM job given unusable GPUs)",
     )
     parser.add_argument(
         "--weights",
         default="imagenet",
-        help="backbone weights: 'imagenet' (torchvision's IMAGENET1K_V1, cached under "
-        "$TORCH_HOME/hub/checkpoints), 'none' (random init), or a path to a state dict",
+        help="backbone: imagenet (torchvision's IMAGENET1K_V1, cached under $TORCH_HOME/hub/"
+        "checkpoints), none (random init) or the path of a ResNet-18 state dict",
     )
     parser.add_argument(
-        "--no-download",
-        action="store_true",
-        help="never use the network: missing data or weights are an error at once",
+        "--no-download", action="store_true", help="missing data or weights: fail, never fetch"
+    )
+    parser.add_argument(
+        "--cache-frozen",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="compute the frozen stages' output of every image once and keep it on the device "
+        "(the same logits); auto: on when it fits in half the free memory",
     )
     parser.add_argument(
         "--lr-scaling",
         default="none",
-        choices=LR_SCALING_RULES,
-        help="how the learning rate follows the global batch (--batch-size x processes) "
-        f"relative to {LR_REFERENCE_BATCH}, the batch the defaults were set for: none keeps it, "
-        "sqrt multiplies it by sqrt(global/512), linear by global/512",
+        choices=["none", "sqrt", "linear"],
+        help=f"the learning rate against global batch / {LR_REFERENCE_BATCH}: unchanged, "
+        "times its square root, or times it",
     )
     parser.add_argument(
         "--dist-timeout",
-        type=float,
+        type=positive_float,
         default=900,
-        help="several processes (torchrun/srun): seconds a process waits for the others at a "
-        "collective before it gives up with an error. A process that dies is noticed at once "
-        "(its connections close; torchrun and srun --kill-on-bad-exit end the rest); this "
-        "limit catches one that hangs",
+        help="several processes: seconds one waits for the others at a collective",
     )
     parser.add_argument(
         "--resume",
-        default=None,
-        help="a run folder (or a file in it) to continue, or 'auto': the newest run of this "
-        "SLURM job (or, outside SLURM, of --output-dir); 'auto' with none found starts a new run",
+        help="continue a stopped run: its folder (or a file in it), or auto: the newest "
+        "unfinished run of this SLURM job (outside SLURM, of --output-dir), else a new run",
+    )
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="mean and spread of finished runs' metrics (several seeds), in a new folder",
     )
     return parser
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one 'error:' message, exit code 2."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
+def error_text(error: BaseException) -> str:
+    """An exception for a one-line message: its type and first line ("OSError: disk full"),
+    or its type alone when it has no message (a bare AssertionError)."""
+    text = first_line(error)
+    return text if text == type(error).__name__ else f"{type(error).__name__}: {text}"
 
 
 def select_device(name: str) -> torch.device:
-    """Resolve --device; 'auto' prefers cuda, then mps, then cpu."""
-    mps_available = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    """--device as a torch.device: auto is cuda, else mps, else cpu; but in a SLURM job given
+    GPUs that torch cannot use (a torch build whose CUDA the driver does not support, say),
+    an error that names what torch and nvidia-smi see, never a silent fall back to the CPU."""
+    cuda = torch.cuda.is_available()
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    allocated = [
+        value.strip()
+        for key, value in os.environ.items()
+        if key in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+        or key.startswith("SLURM_GPUS")
+    ]
+    given_gpus = "SLURM_JOB_ID" in os.environ and any(
+        v not in ("", "NoDevFiles") for v in allocated
+    )
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    if name == "mps" and not mps_available:
+        name = "cuda" if cuda or given_gpus else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        try:
+            smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as error:
+            found = f"nvidia-smi does not run ({first_line(error)}): is an NVIDIA driver there?"
+        else:
+            lines = [line.strip() for line in (smi.stdout or smi.stderr).splitlines()]
+            found = f"nvidia-smi reports {'; '.join(filter(None, lines)) or 'nothing'}"
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only"
+        raise UserError(
+            f"this job was given GPUs (or --device cuda), but torch {torch.__version__}, built "
+            f"for {built}, cannot use them; {found}. Install a torch whose CUDA build this "
+            "driver supports (nvidia-smi's header shows the highest CUDA it runs), or pass "
+            "--device cpu to train on the CPU"
+        )
+    if name == "mps" and not mps:
         raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
     return torch.device(name)
 
 
-def git_commit() -> str | None:
+def environment_summary(device: torch.device) -> dict:
+    """What ran where: versions, host, device and SLURM job, for the log and config.json."""
     try:
-        result = subprocess.run(
+        commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=10,
-        )
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def environment_summary(device: torch.device) -> dict:
-    """What ran where: versions, host, device and SLURM job, for the log and config.json."""
-    import torchvision
-
+        commit = ""
     summary = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
         "host": socket.gethostname(),
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
+        "git_commit": commit or None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
     }
     if device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
-        summary["cuda"] = torch.version.cuda
-        summary["gpu_memory_gb"] = round(
-            torch.cuda.get_device_properties(device).total_memory / 2**30, 1
-        )
     return summary
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line for an error message: its type and first line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 @dataclass(frozen=True)
 class Precision:
-    """The one mixed-precision path: autocast and the GradScaler are switched by flags."""
+    """The one mixed-precision path: autocast and the GradScaler, each switched by a flag."""
 
     device_type: str
     dtype: torch.dtype
@@ -403,269 +319,148 @@ class Precision:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
+    @property
+    def autocast_dtype(self) -> str | None:
+        return str(self.dtype).removeprefix("torch.") if self.enabled else None
+
     def describe(self) -> str:
         if not self.enabled:
             return "float32 (no autocast)"
-        name = str(self.dtype).removeprefix("torch.")
-        return f"{name} autocast" + (" + GradScaler" if self.use_scaler else "")
+        return f"{self.autocast_dtype} autocast" + (" + GradScaler" if self.use_scaler else "")
 
 
 def select_precision(device: torch.device, amp: bool) -> Precision:
-    """bf16 where the device supports it, else fp16 with loss scaling; MPS runs float32."""
+    """bf16 where the hardware has it: the CPU, and GPUs of compute capability >= 8.0 (A100,
+    H100, ...). Older GPUs (V100, T4) get fp16 with loss scaling: torch.cuda.is_bf16_supported()
+    says True there too, through an emulation that runs convolutions without cuDNN. MPS: float32."""
     if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float16
-        return Precision("cuda", dtype, amp, amp and not bf16)
-    if device.type == "cpu":
-        return Precision("cpu", torch.bfloat16, amp, False)
-    return Precision(device.type, torch.float32, False, False)
-
-
-def configure_backends(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        dtype = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.half
+    else:
+        dtype = torch.bfloat16 if device.type == "cpu" else torch.float32
+    enabled = amp and dtype != torch.float32
+    return Precision(device.type, dtype, enabled, enabled and dtype == torch.half)
 
 
 @dataclass(frozen=True)
-class Launch:
-    """Where this process sits in a launch: `launcher` is "none" (plain python), "torchrun"
-    (or another launcher that sets RANK/WORLD_SIZE, "env") or "srun" (one task per process)."""
+class World:
+    """This process's place in a job: rank of size processes (size 1: a plain run)."""
 
-    launcher: str = "none"
     rank: int = 0
-    world_size: int = 1
+    size: int = 1
     local_rank: int = 0
+    launcher: str = "none"
+    backend: str | None = None
 
 
-def detect_launch(environ=None) -> Launch:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
-    in an srun step (SLURM_STEP_ID) when MASTER_ADDR and MASTER_PORT say where rank 0 listens;
-    else one plain process.
-
-    SLURM's task variables alone are not a launch: a batch script runs with SLURM_PROCID=0 and
-    SLURM_NTASKS=N before any srun (and no SLURM_STEP_ID), and must stay one process.
-    """
-    env = os.environ if environ is None else environ
-
-    def number(name: str, default: int | None = None) -> int:
-        if name not in env and default is not None:
-            return default
-        try:
-            return int(env[name])
-        except ValueError:
-            raise UserError(f"{name}={env[name]!r} is not an integer") from None
-
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
-        rank, world_size = number("RANK"), number("WORLD_SIZE")
-        local_rank = number("LOCAL_RANK", rank)
-    elif all(
-        name in env
-        for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
-    ):
-        launcher = "srun"
-        rank, world_size = number("SLURM_PROCID"), number("SLURM_NTASKS")
-        local_rank = number("SLURM_LOCALID", rank)
-    else:
-        return Launch()
-    if not 0 <= rank < world_size or not 0 <= local_rank < world_size:
-        raise UserError(f"{launcher} launch: rank {rank} (local {local_rank}) of {world_size}?")
-    if world_size > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+def launch_from_environment(env) -> World:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or an srun step's SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID when MASTER_ADDR/MASTER_PORT say where rank 0 listens; else one process.
+    (A batch script has SLURM's task variables before any srun: that is not a launch.)"""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+    if not ("RANK" in env and "WORLD_SIZE" in env):
+        names, launcher = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"), "srun"
+        slurm = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
+        if not all(name in env for name in slurm):
+            return World()
+    try:
+        rank, size = int(env[names[0]]), int(env[names[1]])
+        local_rank = int(env.get(names[2], rank))
+    except ValueError:
+        bad = next(name for name in names if not env.get(name, "0").lstrip("-").isdigit())
+        raise UserError(f"{bad}={env[bad]!r} is not an integer") from None
+    if not (0 <= rank < size and 0 <= local_rank < size):
+        raise UserError(f"{launcher} launch: rank {rank} (local {local_rank}) of {size}?")
+    if size > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
         raise UserError(
-            f"RANK/WORLD_SIZE say process {rank} of {world_size}, but MASTER_ADDR/MASTER_PORT "
+            f"{names[0]}/{names[1]} say process {rank} of {size}, but MASTER_ADDR/MASTER_PORT "
             "(where rank 0 listens) are not set; launch with torchrun, which sets them"
         )
-    return Launch(launcher, rank, world_size, local_rank)
+    return World(rank, size, local_rank, launcher)
 
 
-class PeerFailed(Exception):
-    """Another process of the job reported an error (it prints it); this one just stops."""
+def init_distributed(
+    world: World, device: torch.device, timeout_s: float
+) -> tuple[World, torch.device]:
+    """Join the job's process group: each process on a GPU of its own (the local rank's, or
+    the one GPU a per-task allocation shows), NCCL for CUDA tensors and gloo for the CPU's."""
+    if world.size == 1:
+        return world, device
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if world.local_rank >= count > 1:
+            raise UserError(
+                f"local rank {world.local_rank} needs a GPU of its own, but this node shows "
+                f"{count}: start as many processes per node as it has GPUs"
+            )
+        device = torch.device("cuda", world.local_rank if count > 1 else 0)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"several processes need CUDA (NCCL) or the CPU (gloo), not {device}")
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timeout)
+    world = World(world.rank, world.size, world.local_rank, world.launcher, backend)
+    if device.type == "cuda":  # two processes on one GPU: say so before NCCL's "Duplicate GPU"
+        mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+        everyone = [None] * world.size
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) < world.size:
+            raise UserError(
+                f"{world.size} processes share {len(set(everyone))} GPU(s): each needs its own. "
+                "Start as many processes per node as it has GPUs: with srun, sbatch "
+                "--ntasks-per-node=N --gpus-per-node=N run_resnet.sbatch (or --gpus-per-task=1)"
+            )
+    return world, device
 
 
-class Distributed:
-    """This process's part in a DDP job, and the few collectives the script needs.
+# Collectives: every process calls each, in the same order; with one process they do nothing.
 
-    With one process (world_size 1: a plain `python resnet18.py`, or a launcher that started
-    only one) there is no process group and every method is a local no-op, so the single-process
-    path runs exactly as before. Rank 0 alone reads and writes the results folder; the others
-    get what it read (the run to resume, a checkpoint) by broadcast, so every rank starts from
-    the same bytes whether or not the nodes share a file system.
-    """
 
-    def __init__(self, launch: Launch):
-        self.launch = launch
-        self.rank, self.world_size, self.local_rank = (
-            launch.rank,
-            launch.world_size,
-            launch.local_rank,
-        )
-        self.enabled = launch.world_size > 1
-        self.is_main = launch.rank == 0
-        self.backend: str | None = None
-        self.device = torch.device("cpu")
+def all_reduce(world: World, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if world.size > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
 
-    def start(self, device: torch.device, timeout_s: float) -> torch.device:
-        """Join the process group: NCCL on CUDA (one GPU per process, by local rank), gloo on
-        the CPU. Returns the device this process computes on."""
-        if not self.enabled:
-            return device
-        import torch.distributed as dist
 
-        if device.type == "cuda":
-            count = torch.cuda.device_count()
-            if self.local_rank < count:
-                device = torch.device("cuda", self.local_rank)
-            elif count == 1:  # the launcher gave each process its own GPU (CUDA_VISIBLE_DEVICES)
-                device = torch.device("cuda", 0)
-            else:
-                raise UserError(
-                    f"local rank {self.local_rank} needs a GPU of its own but this node shows "
-                    f"{count}: start as many processes per node as it has GPUs"
-                )
-            torch.cuda.set_device(device)
-            backend = "nccl"
-        elif device.type == "cpu":
-            backend = "gloo"
-        else:
-            raise UserError(f"several processes need CUDA (NCCL) or the CPU (gloo), not {device}")
-        dist.init_process_group(
-            backend,
-            init_method="env://",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
-        self.backend, self.device = backend, device
-        return device
+def any_rank(world: World, flag: bool) -> bool:
+    return bool(all_reduce(world, torch.tensor([float(flag)]), dist.ReduceOp.MAX).item())
 
-    def close(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+def broadcast_object(world: World, value):
+    """Rank 0's `value` on every process."""
+    box = [value]
+    if world.size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
-    def describe(self) -> dict:
-        return {
-            "world_size": self.world_size,
-            "launcher": self.launch.launcher,
-            "backend": self.backend,
-        }
 
-    # Collectives: every rank must call each of them, in the same order.
+def shard(world: World, total: int) -> tuple[int, int]:
+    """This process's block [start, stop) of `total` rows: ceil(total / size) each, in rank
+    order, the last ones shorter (maybe empty), so the blocks tile the rows exactly once."""
+    per_rank = math.ceil(total / world.size)
+    return min(total, world.rank * per_rank), min(total, (world.rank + 1) * per_rank)
 
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
 
-            dist.barrier()
+def gather_rows(world: World, local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every process's shard() of the rows, concatenated: rows 0..total on every process."""
+    if world.size == 1:
+        return local
+    per_rank = math.ceil(total / world.size)
+    if len(local) < per_rank:
+        local = torch.cat([local, local.new_zeros((per_rank - len(local), *local.shape[1:]))])
+    gathered = local.new_empty((per_rank * world.size, *local.shape[1:]))
+    # all_gather_single replaces all_gather_into_tensor (deprecated in torch 2.14).
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(gathered, local)
+    return gathered[:total]
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any."""
-        if not self.enabled:
-            return bool(flag)
-        import torch.distributed as dist
 
-        value = torch.tensor([int(bool(flag))], dtype=torch.int32, device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def all_sum(self, *tensors: torch.Tensor) -> None:
-        """Sum each tensor over the ranks, in place (exact for integer counts)."""
-        if self.enabled:
-            import torch.distributed as dist
-
-            for tensor in tensors:
-                dist.all_reduce(tensor)
-
-    def broadcast(self, payload):
-        """Rank 0's `payload` (any picklable object) on every rank."""
-        if not self.enabled:
-            return payload
-        import torch.distributed as dist
-
-        box = [payload if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self.device)
-        return box[0]
-
-    def sync_buffers(self, module: nn.Module) -> None:
-        """Rank 0's buffers (BatchNorm running statistics) on every rank, so that the model is
-        the same everywhere before an evaluation that each rank runs on its own share."""
-        if self.enabled:
-            import torch.distributed as dist
-
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
-
-    def share(self, total: int) -> tuple[int, int]:
-        """This rank's contiguous block [start, stop) of `total` rows: ceil(total / world) rows
-        each, the last ranks fewer (possibly none), so the blocks tile 0..total exactly once."""
-        if not self.enabled:
-            return 0, total
-        per_rank = math.ceil(total / self.world_size)
-        return min(total, self.rank * per_rank), min(total, (self.rank + 1) * per_rank)
-
-    def gather_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
-        """Every rank's `share(total)` block of rows, concatenated in rank order: the rows of
-        0..total in order, each once, on every rank."""
-        if not self.enabled:
-            return local
-        import torch.distributed as dist
-
-        per_rank = math.ceil(total / self.world_size)
-        padded = local.new_zeros((per_rank, *local.shape[1:]))
-        padded[: len(local)] = local
-        gathered = local.new_empty((per_rank * self.world_size, *local.shape[1:]))
-        # all_gather_single replaces all_gather_into_tensor (deprecated in torch 2.14).
-        gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-        gather(gathered, padded)
-        return gathered[:total]
-
-    def batch_share(self, index: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a global batch of row indices: every world_size-th, so the parts
-        differ in size by at most one and rank 0's is never empty."""
-        return index[self.rank :: self.world_size] if self.enabled else index
-
-    # Errors: a UserError on one rank must stop every rank, not leave the others waiting.
-
-    def from_main(self, compute):
-        """compute() on rank 0; its result, or its UserError, on every rank."""
-        if not self.enabled:
-            return compute()
-        outcome = None
-        if self.is_main:
-            try:
-                outcome = ("ok", compute())
-            except UserError as error:
-                outcome = ("error", str(error))
-        kind, value = self.broadcast(outcome)
-        if kind == "error":
-            if self.is_main:
-                raise UserError(value)
-            raise PeerFailed("rank 0 reported an error")
-        return value
-
-    def everywhere(self, compute, node_leader_first: bool = False):
-        """compute() on every rank; a UserError on any stops them all. With node_leader_first,
-        local rank 0 of each node runs it first (a download, say) and the others after it."""
-        if not self.enabled:
-            return compute()
-        result, error = None, None
-        turns = (True, False) if node_leader_first else (None,)
-        for leaders_turn in turns:
-            if leaders_turn is None or leaders_turn == (self.local_rank == 0):
-                try:
-                    result = compute()
-                except UserError as caught:
-                    error = caught
-            if self.any(error is not None):
-                if error is not None:
-                    raise error
-                raise PeerFailed("another process reported an error")
-        return result
+def sync_buffers(world: World, model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics everywhere: the CPU has no SyncBatchNorm, so each process
+    updated its own from its share of the batch."""
+    if world.size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,113 +480,112 @@ def emnist_files(split: str = "byclass") -> tuple[str, ...]:
 def load_emnist(
     data_dir: str | Path, split: str = "byclass", train: bool = True, download: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read EMNIST through torchvision: upright uint8 images (N, 28, 28), int64 labels (N,).
-
-    NIST stores EMNIST images transposed and torchvision returns them as stored, so they are
-    transposed back here. Labels index EMNIST_BYCLASS_CHARS (for split 'byclass').
-    """
+    """Upright uint8 images (N, 28, 28) and int64 labels (N,) through torchvision (which
+    returns them transposed, as NIST stores them). Several processes of a job download one at
+    a time (a lock file), so the later ones find the files."""
     from torchvision.datasets import EMNIST
 
-    raw = Path(data_dir) / "EMNIST" / "raw"
-    part = "train" if train else "test"
-    needed = [name for name in emnist_files(split) if f"-{part}-" in name]
-    how_to_fetch = (
-        f"EMNIST {split} needs {', '.join(emnist_files(split))} in {raw}. On a machine with "
-        f"internet run `python resnet18.py --data-dir {data_dir}` (or `./setup_env.sh "
-        "--prefetch`) and copy the EMNIST folder here, or pass --data-dir to a folder that "
-        "holds EMNIST/raw/."
+    raw, part = Path(data_dir) / "EMNIST" / "raw", "train" if train else "test"
+    needed = [raw / name for name in emnist_files(split) if f"-{part}-" in name]
+    how = (
+        f"EMNIST {split} needs {', '.join(emnist_files(split))} in {raw}: on a machine with "
+        f"internet run `./setup_env.sh --prefetch` (or this script once) and copy the EMNIST "
+        "folder there, or pass --data-dir to a folder holding EMNIST/raw/"
     )
-    missing = [name for name in needed if not (raw / name).is_file()]
+    missing = [path.name for path in needed if not path.is_file()]
     if missing and download:
         try:
-            EMNIST(root=str(data_dir), split=split, train=train, download=True)
-        except Exception as error:  # URLError/OSError/RuntimeError offline or on a bad archive
+            raw.mkdir(parents=True, exist_ok=True)
+            with open(raw / ".download.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not all(path.is_file() for path in needed):
+                    EMNIST(root=str(data_dir), split=split, train=train, download=True)
+        except Exception as error:  # offline (URLError), read-only folder, a bad archive
             raise UserError(
                 f"EMNIST files missing in {raw} ({', '.join(missing)}) and downloading them "
-                f"failed ({first_line(error)}). {how_to_fetch}"
+                f"failed ({error_text(error)}). {how}"
             ) from None
-        missing = [name for name in needed if not (raw / name).is_file()]
+        missing = [path.name for path in needed if not path.is_file()]
     if missing:
-        raise UserError(f"EMNIST files missing in {raw}: {', '.join(missing)}. {how_to_fetch}")
+        zipped = [name for name in missing if (raw / f"{name}.gz").is_file()]
+        if zipped:
+            raise UserError(
+                f"{raw} holds only gzip-compressed copies of {', '.join(zipped)}: decompress "
+                f"them (gunzip -k {raw}/*.gz), or let torchvision fetch and extract them"
+            )
+        raise UserError(f"EMNIST files missing in {raw}: {', '.join(missing)}. {how}")
+    unreadable = [path.name for path in needed if not os.access(path, os.R_OK)]
+    if unreadable:
+        raise UserError(f"cannot read {', '.join(unreadable)} in {raw}: permission denied")
     try:
         dataset = EMNIST(root=str(data_dir), split=split, train=train, download=False)
-        images, labels = dataset.data, dataset.targets
-        num_classes = len(dataset.classes)
+        images, labels, classes = dataset.data, dataset.targets, len(dataset.classes)
     except Exception as error:  # a truncated or corrupt IDX file fails inside torchvision
         raise UserError(
-            f"could not read the EMNIST {split} {part} files in {raw} ({first_line(error)}); "
-            "they are corrupt or truncated. "
-            f"Delete them and fetch them again. {how_to_fetch}"
+            f"cannot read the EMNIST {split} {part} files in {raw} ({error_text(error)}): they "
+            f"are corrupt or truncated; delete them and fetch them again. {how}"
         ) from None
-    if (
-        images.dtype != torch.uint8
-        or images.dim() != 3
-        or tuple(images.shape[1:]) != (28, 28)
-        or len(labels) != len(images)
-        or len(images) == 0
-        or int(labels.min()) < 0
-        or int(labels.max()) >= num_classes
+    if not (
+        images.dtype == torch.uint8
+        and tuple(images.shape[1:]) == (28, 28)
+        and len(labels) == len(images) > 0
+        and 0 <= int(labels.min()) <= int(labels.max()) < classes
     ):
         raise UserError(
             f"the EMNIST {split} {part} files in {raw} hold {tuple(images.shape)} images and "
-            f"{len(labels)} labels, not N 28x28 images with labels 0-{num_classes - 1}; they are "
-            "corrupt: fetch them again."
+            f"{len(labels)} labels, not N 28x28 images with labels 0-{classes - 1}: they are "
+            "corrupt; fetch them again"
         )
     return images.transpose(1, 2).contiguous(), labels.long()
 
 
 def stratified_sample(labels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of `size` items drawn per class in proportion to the class counts (largest
-    remainder rounding, so the total is exact), sorted; seeded by `generator`."""
-    labels = labels.cpu()
+    """Sorted indices of `size` items drawn per class in proportion to the class counts
+    (largest remainder rounding, so the total is exact), seeded by `generator`."""
     counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 0)
     quotas = counts.double() * size / max(1, len(labels))
     takes = quotas.floor().long()
-    shortfall = size - int(takes.sum())
-    # Classes with the largest fractional quota get the leftover places (ties: lower label).
+    # The leftover places go to the largest fractional quotas (ties: the lower label).
     by_remainder = sorted(range(len(counts)), key=lambda k: (-(quotas[k] - takes[k]).item(), k))
-    for k in by_remainder:
-        if shortfall == 0:
-            break
-        if takes[k] < counts[k]:
-            takes[k] += 1
-            shortfall -= 1
+    open_places = [k for k in by_remainder if takes[k] < counts[k]]
+    takes[open_places[: size - int(takes.sum())]] += 1
     order = torch.argsort(labels, stable=True)
-    chosen = []
-    for members, take in zip(order.split(counts.tolist()), takes.tolist(), strict=True):
-        if take:
-            chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    chosen = [
+        members[torch.randperm(len(members), generator=generator)[:take]]
+        for members, take in zip(order.split(counts.tolist()), takes.tolist())
+    ]
     return torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.long)
 
 
-def split_train_val(
+def stratified_split(
     labels: torch.Tensor, val_fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified, seeded (train_index, val_index) of a training set."""
-    val_size = round(val_fraction * len(labels))
-    val_index = stratified_sample(labels, val_size, torch.Generator().manual_seed(seed))
+    val_index = stratified_sample(
+        labels, round(val_fraction * len(labels)), torch.Generator().manual_seed(seed)
+    )
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[val_index] = False
     return keep.nonzero().flatten(), val_index
 
 
-def prepare_data(args: argparse.Namespace, device: torch.device) -> dict:
-    """Load, subset and split EMNIST ByClass; every split goes to the device as uint8."""
-    download = not args.no_download
-    train_images, train_labels = load_emnist(args.data_dir, "byclass", True, download)
-    test_images, test_labels = load_emnist(args.data_dir, "byclass", False, download)
-    # Distinct generators per use, so changing --limit-test never changes the training split.
-    if args.limit_train is not None and args.limit_train < len(train_labels):
-        keep = stratified_sample(
-            train_labels, args.limit_train, torch.Generator().manual_seed(args.seed + 1)
+def prepare_data(args: argparse.Namespace) -> dict:
+    """EMNIST ByClass loaded, subset (--limit-*) and split, as uint8 on the CPU."""
+    parts = {}
+    for offset, (part, limit) in enumerate(
+        (("train", args.limit_train), ("test", args.limit_test))
+    ):
+        images, labels = load_emnist(
+            args.data_dir, "byclass", part == "train", not args.no_download
         )
-        train_images, train_labels = train_images[keep], train_labels[keep]
-    if args.limit_test is not None and args.limit_test < len(test_labels):
-        keep = stratified_sample(
-            test_labels, args.limit_test, torch.Generator().manual_seed(args.seed + 2)
-        )
-        test_images, test_labels = test_images[keep], test_labels[keep]
-    train_index, val_index = split_train_val(train_labels, args.val_fraction, args.seed)
+        if limit is not None and limit < len(labels):
+            # A generator per use: changing --limit-test never changes the training split.
+            generator = torch.Generator().manual_seed(args.seed + 1 + offset)
+            keep = stratified_sample(labels, limit, generator)
+            images, labels = images[keep], labels[keep]
+        parts[part] = images, labels
+    (train_images, train_labels), (test_images, test_labels) = parts["train"], parts["test"]
+    train_index, val_index = stratified_split(train_labels, args.val_fraction, args.seed)
     if len(val_index) == 0 or len(train_index) == 0:
         raise UserError(
             f"--val-fraction {args.val_fraction} of {len(train_labels)} training images leaves "
@@ -799,22 +593,20 @@ def prepare_data(args: argparse.Namespace, device: torch.device) -> dict:
             "non-empty: raise --limit-train or change --val-fraction"
         )
     return {
-        "train": (train_images[train_index].to(device), train_labels[train_index].to(device)),
-        "val": (train_images[val_index].to(device), train_labels[val_index].to(device)),
-        "test": (test_images.to(device), test_labels.to(device)),
+        "train": (train_images[train_index], train_labels[train_index]),
+        "val": (train_images[val_index], train_labels[val_index]),
+        "test": (test_images, test_labels),
     }
 
 
-def preprocess(
+def normalise_and_resize(
     images_uint8: torch.Tensor, img_size: int, channels_last: bool = False
 ) -> torch.Tensor:
     """uint8 (N, 28, 28) on the device -> normalised float32 (N, 1, img_size, img_size).
-
-    Normalising before the bilinear resize gives the same result (the resize is an affine
-    combination with weights summing to 1) on 28x28 instead of img_size^2 pixels.
-    """
+    Normalising before the bilinear resize is the same (the resize is an affine combination
+    with weights summing to 1), on 28x28 instead of img_size^2 pixels."""
     x = images_uint8.unsqueeze(1).float().mul_(1.0 / (255.0 * GREY_STD)).sub_(GREY_MEAN / GREY_STD)
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+    if x.shape[-1] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -832,48 +624,61 @@ def imagenet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def _weights_help(path: Path) -> str:
-    return (
-        f"torchvision expects ResNet-18's ImageNet weights at {path} ($TORCH_HOME/hub/"
-        "checkpoints/). On a machine with internet run `./setup_env.sh --prefetch` (or "
-        "`python resnet18.py` once) and copy the file there, or download "
-        "https://download.pytorch.org/models/resnet18-f37072fd.pth into that folder; "
-        "or pass --weights PATH to a state dict, or --weights none to train from random init."
-    )
+def load_backbone_weights(weights: str, download: bool) -> dict | None:
+    """The backbone's state dict for --weights (conv1 summed over RGB), None for 'none'; the
+    one error line for a missing, unreadable or mismatched file, before any run folder."""
+    from torchvision.models import ResNet18_Weights, resnet18
 
-
-def ensure_weights_available(weights: str, download: bool) -> None:
-    """Fail early (before any results folder exists) when the backbone weights are missing."""
     if weights == "none":
-        return
-    if weights != "imagenet":
-        if not Path(weights).is_file():
-            raise UserError(f"--weights {weights}: no such file; pass imagenet, none or a path")
-        return
-    path = imagenet_weights_path()
-    if path.is_file():
-        return
-    if not download:
-        raise UserError(
-            f"the ImageNet weights are not cached and --no-download is set. {_weights_help(path)}"
-        )
-    from torchvision.models import ResNet18_Weights
-
+        return None
+    path = imagenet_weights_path() if weights == "imagenet" else Path(weights)
+    how = (
+        f"torchvision expects ResNet-18's ImageNet weights at {path}: run `./setup_env.sh "
+        "--prefetch` on a machine with internet and copy the file there (or download "
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth), or pass --weights none"
+    )
+    if weights == "imagenet" and not path.is_file() and not download:
+        raise UserError(f"the ImageNet weights are not cached and --no-download is set. {how}")
+    if weights != "imagenet" and not path.is_file():
+        raise UserError(f"--weights {weights}: no such file; pass imagenet, none or a path")
     try:
-        ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
-    except Exception as error:  # URLError/OSError offline, RuntimeError on a bad hash
+        if weights == "imagenet":
+            state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=sys.stderr.isatty())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # offline, a bad hash, a truncated or foreign file
         raise UserError(
-            f"downloading the ImageNet weights failed ({first_line(error)}). {_weights_help(path)}"
+            f"cannot load the weights {path} ({error_text(error)}): "
+            f"missing, corrupt or not a state dict. {how}"
         ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a checkpoint written by this script
+    state = {k: v for k, v in dict(state).items() if not str(k).startswith("fc.")}
+    if getattr(state.get("conv1.weight"), "ndim", 0) == 4 and state["conv1.weight"].shape[1] == 3:
+        state["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)
+    grey = resnet18()
+    fold_grey_stem(grey)
+    # Old files (ImageNet's included) lack BatchNorm's num_batches_tracked: torch fills it in.
+    expected = {k: v.shape for k, v in grey.state_dict().items() if not k.startswith("fc.")}
+    misfits = [
+        k
+        for k, shape in expected.items()
+        if getattr(state.get(k), "shape", None) != shape and not k.endswith("_tracked")
+    ]
+    unexpected = set(state) - set(expected)
+    if misfits or unexpected:
+        raise UserError(
+            f"--weights {weights} is not a ResNet-18 state dict: {len(misfits)} of ResNet-18's "
+            f"{len(expected)} backbone tensors are missing or of another shape (the first: "
+            f"{misfits[0] if misfits else 'none'}) and {len(unexpected)} are unexpected; pass "
+            "imagenet, none or ResNet-18's weights"
+        )
+    return state
 
 
 def fold_grey_stem(model: nn.Module) -> None:
-    """Replace the RGB conv1 by a 1-channel conv whose kernel is the sum over RGB.
-
-    conv(repeat(x, 3), W) == conv(x, W.sum(1)) exactly (padding included), so a grey image with
-    one normalisation for all three channels gets the pretrained stem's response at a third of
-    its cost and without materialising three channels.
-    """
+    """Replace the RGB conv1 by a 1-channel conv whose kernel is the sum over RGB: conv(repeat(
+    x, 3), W) == conv(x, W.sum(1)) exactly (padding included), at a third of the cost."""
     rgb = model.conv1
     grey = nn.Conv2d(
         1, rgb.out_channels, rgb.kernel_size, rgb.stride, rgb.padding, bias=rgb.bias is not None
@@ -885,63 +690,18 @@ def fold_grey_stem(model: nn.Module) -> None:
     model.conv1 = grey
 
 
-def _read_state_dict(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(
-            f"cannot read the weights file {path} ({first_line(error)}); it is corrupt or "
-            "truncated: fetch it again"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a checkpoint written by this script
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise UserError(f"{path} is not a ResNet-18 state dict (no conv1.weight)")
-    return state
+def build_model(regime: str, backbone: dict | None, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """torchvision's resnet18 with the backbone weights (None: random), a grey 1-channel stem,
+    a new `fc` (initialised from torch's global RNG) and requires_grad set for the regime."""
+    from torchvision.models import resnet18
 
-
-def build_model(
-    regime: str, weights: str = "imagenet", num_classes: int = NUM_CLASSES, download: bool = True
-) -> nn.Module:
-    """torchvision's resnet18 with `weights` ('imagenet', 'none' or a state-dict path), a grey
-    1-channel stem (conv1 summed over RGB), a new `fc` of `num_classes` outputs (initialised
-    from torch's global RNG) and requires_grad set for the regime."""
-    from torchvision.models import ResNet18_Weights, resnet18
-
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; expected one of {REGIMES}")
-    if weights == "imagenet":
-        ensure_weights_available(weights, download)
-        try:
-            model = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
-        except Exception as error:
-            raise UserError(
-                f"cannot load the cached ImageNet weights ({first_line(error)}); the file is "
-                f"corrupt: delete it and fetch it again. {_weights_help(imagenet_weights_path())}"
-            ) from None
-        fold_grey_stem(model)
-    else:
-        model = resnet18(weights=None)
-        fold_grey_stem(model)
-        if weights != "none":
-            state = dict(_read_state_dict(Path(weights)))
-            if state["conv1.weight"].dim() == 4 and state["conv1.weight"].shape[1] == 3:
-                state["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)
-            backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            try:
-                missing, unexpected = model.load_state_dict(backbone, strict=False)
-            except RuntimeError as error:
-                raise UserError(f"--weights {weights} does not fit ResNet-18: {error}") from None
-            missing = [k for k in missing if not k.startswith("fc.")]
-            if missing or unexpected:
-                raise UserError(
-                    f"--weights {weights} does not fit ResNet-18 (missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]})"
-                )
+    model = resnet18()
+    fold_grey_stem(model)
+    if backbone is not None:
+        model.load_state_dict(backbone, strict=False)
     model.fc = nn.Linear(FEATURE_DIM, num_classes)
-    prefixes = TRAINABLE_PREFIXES[regime]
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith(prefixes))
+        parameter.requires_grad_(name.startswith(TRAINABLE_PREFIXES[regime]))
     return model
 
 
@@ -953,68 +713,37 @@ def set_regime_mode(model: nn.Module, regime: str, training: bool) -> None:
     """Frozen parts always in eval mode (BatchNorm uses and keeps its running statistics);
     only the trainable modules switch to train mode while training."""
     model.eval()
-    if training:
-        for prefix in TRAINABLE_PREFIXES[regime]:
-            model.get_submodule(prefix.rstrip(".")).train()
+    for prefix in TRAINABLE_PREFIXES[regime] if training else ():
+        model.get_submodule(prefix.rstrip(".")).train()
 
 
-def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Everything before fc (torchvision's ResNet._forward_impl up to the flatten): (N, 512)."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-    return torch.flatten(model.avgpool(x), 1)
+def run_stages(model: nn.Module, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """STAGES[first:last] of torchvision's ResNet forward on x (0, len(STAGES): model(x))."""
+    for stage in STAGES[first:last]:
+        if stage == "stem":
+            x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        elif stage == "pool":
+            x = torch.flatten(model.avgpool(x), 1)
+        else:
+            x = getattr(model, stage)(x)
+    return x
 
 
-@torch.no_grad()
-def extract_features(
-    model: nn.Module,
-    images_uint8: torch.Tensor,
-    img_size: int,
-    precision: Precision,
-    batch_size: int = EVAL_BATCH_SIZE,
-    channels_last: bool = False,
-    stop: StopSignal | None = None,
-) -> torch.Tensor | None:
-    """The frozen backbone's 512-d features of every image, float32 on the images' device;
-    None when a stop signal arrived (features are cheap to recompute after a resume)."""
-    model.eval()
-    features = torch.empty(len(images_uint8), FEATURE_DIM, device=images_uint8.device)
-    for start in range(0, len(images_uint8), batch_size):
-        x = preprocess(images_uint8[start : start + batch_size], img_size, channels_last)
-        with precision.autocast():
-            features[start : start + batch_size] = backbone_features(model, x).float()
-        if stop is not None and stop.received:
-            return None
-    return features
+class StagesFrom(nn.Module):
+    """The model from stage `first` on: what training steps and evaluation call (on cached
+    frozen outputs, or on images with first 0), and what DDP wraps."""
+
+    def __init__(self, model: nn.Module, first: int):
+        super().__init__()
+        self.model, self.first = model, first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_stages(self.model, x, self.first, len(STAGES))
 
 
 # --------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGUSR1 into a flag the training loop checks after every step."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for name in self.SIGNALS:
-            if hasattr(signal, name):
-                number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number, frame) -> None:
-        self.received = signal.Signals(number).name
 
 
 class WarmupCosine:
@@ -1035,8 +764,7 @@ def iterate_batches(
     num_items: int, batch_size: int, generator: torch.Generator, device: torch.device
 ) -> list[torch.Tensor]:
     """One epoch's shuffled index batches (the last one may be short), moved to the device."""
-    order = torch.randperm(num_items, generator=generator).to(device)
-    return list(order.split(batch_size))
+    return list(torch.randperm(num_items, generator=generator).to(device).split(batch_size))
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1044,103 +772,152 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels)
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """What the device has free now: the GPU's memory, or the host's MemAvailable (0 unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if "MemAvail" in line)
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def image_batch_size(img_size: int, device: torch.device) -> int:
+    """EVAL_BATCH_SIZE images at a time without gradients, fewer where a quarter of the free
+    memory cannot hold their activations (about four float32 copies of the stem's output)."""
+    per_image = 4 * 4 * 64 * (img_size // 2) ** 2
+    return int(min(EVAL_BATCH_SIZE, max(256, free_memory_bytes(device) // (4 * per_image))))
+
+
+@dataclass
 class RegimeInputs:
-    """What one regime feeds its model: cached 512-d features to `fc` (linear_probe) or
-    images preprocessed per batch to the whole network (partial_unfreeze).
+    """What a regime feeds its model per split (name -> (rows, labels), on the device): uint8
+    images preprocessed per batch (first 0), or the cached output of the stages before
+    STAGES[first]. Everything indexes rows, so each process takes its share of a batch."""
 
-    `splits` maps "train"/"val"/"test" to (inputs, labels) on the device: float32 features or
-    uint8 images. Everything indexes rows, so each rank of a distributed run takes its own share
-    of an index batch. `train_module`, when set, is what training steps call instead of the
-    model (or its fc): the DistributedDataParallel wrapper that all-reduces the gradients;
-    evaluation always calls the plain model, on each rank's own rows.
-    """
+    splits: dict
+    first: int
+    img_size: int
+    channels_last: bool = False
 
-    def __init__(
-        self,
-        model: nn.Module,
-        splits: dict,
-        cached_features: bool,
-        img_size: int,
-        channels_last: bool,
-    ):
-        self.model, self.splits, self.cached_features = model, splits, cached_features
-        self.img_size, self.channels_last = img_size, channels_last
-        self.train_module: nn.Module | None = None
-
-    def batch(self, split: str, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = self.splits[split]
-        rows = inputs[index]
-        if not self.cached_features:
-            rows = preprocess(rows, self.img_size, self.channels_last)
-        return rows, labels[index]
-
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.model.fc(rows) if self.cached_features else self.model(rows)
-
-    def train_logits(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.logits(rows) if self.train_module is None else self.train_module(rows)
+    def batch(self, split: str, index) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, labels = self.splits[split][0][index], self.splits[split][1][index]
+        if self.first == 0:
+            rows = normalise_and_resize(rows, self.img_size, self.channels_last)
+        elif self.channels_last and rows.dim() == 4:
+            rows = rows.contiguous(memory_format=torch.channels_last)
+        return rows, labels
 
     def size(self, split: str) -> int:
         return len(self.splits[split][1])
 
+    @property
+    def device(self) -> torch.device:
+        return self.splits["train"][1].device
+
 
 @torch.no_grad()
-def evaluate(
+def frozen_outputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    stages: int,
+    img_size: int,
+    precision: Precision,
+    world: World = World(),
+) -> torch.Tensor:
+    """The output of the first `stages` stages for every image, in the autocast dtype, on the
+    images' device: each process computes its shard() and all are gathered."""
+    model.eval()
+    start, end = shard(world, len(images))
+    per_rank, batch = math.ceil(len(images) / world.size), image_batch_size(img_size, images.device)
+    local, channels_last = None, images.device.type == "cuda"
+    for offset in range(0, per_rank, batch):  # the same number of turns on every process
+        rows = images[start + offset : min(start + offset + batch, end)]
+        with precision.autocast():
+            out = run_stages(model, normalise_and_resize(rows, img_size, channels_last), 0, stages)
+        if local is None:  # per_rank rows: the last ones of the last process are padding
+            local = out.new_empty((per_rank, *out.shape[1:]))
+        local[offset : offset + len(out)] = out
+    return gather_rows(world, local, len(images))
+
+
+def regime_inputs(
+    model: nn.Module,
+    regime: str,
+    data: dict,
+    args: argparse.Namespace,
+    precision: Precision,
+    world: World,
+) -> tuple[RegimeInputs, str]:
+    """The regime's inputs, with the frozen stages' output cached when --cache-frozen says so
+    (auto: when every process has room for it), and why."""
+    device, stages = data["train"][1].device, FROZEN_STAGES[regime]
+    channels_last = device.type == "cuda"
+    with torch.no_grad(), precision.autocast():
+        blank = torch.zeros(1, 28, 28, dtype=torch.uint8, device=device)
+        one = run_stages(model.eval(), normalise_and_resize(blank, args.img_size), 0, stages)
+    rows = sum(len(labels) for _, labels in data.values())
+    needed = one.numel() * one.element_size() * rows * (1 + 1 / world.size)  # + the gather's
+    cached, why = args.cache_frozen == "on", f"--cache-frozen {args.cache_frozen}"
+    if args.cache_frozen == "auto":
+        free = free_memory_bytes(device)
+        cached = not any_rank(world, needed > CACHE_MEMORY_SHARE * free)
+        verdict = "fits" if cached else "does not fit"
+        why = f"{needed / 2**30:.2f} GiB {verdict} in half the {free / 2**30:.1f} GiB free"
+    if not cached:
+        return RegimeInputs(data, 0, args.img_size, channels_last), f"not cached ({why})"
+    splits = {
+        split: (frozen_outputs(model, images, stages, args.img_size, precision, world), labels)
+        for split, (images, labels) in data.items()
+    }
+    return RegimeInputs(splits, stages, args.img_size, channels_last), f"cached ({why})"
+
+
+@torch.no_grad()
+def evaluate_split(
+    module: nn.Module,
     inputs: RegimeInputs,
     split: str,
     precision: Precision,
+    world: World = World(),
     keep_scores: bool = False,
-    batch_size: int = EVAL_BATCH_SIZE,
-    distributed: Distributed | None = None,
 ) -> dict:
-    """Summed loss, correct count and size of a split, plus the float32 class scores on the CPU
-    when asked. With several processes each evaluates its own block of rows and the exact sums
-    (float64 loss, int64 counts) are all-reduced, the scores gathered in row order: every row
-    counted once however unevenly the split divides."""
-    inputs.model.eval()
+    """Mean loss, accuracy and size of a split, and its float32 class scores on the CPU when
+    asked. Each process evaluates its shard(); the exact sums (float64) are all-reduced and
+    the scores gathered in row order, so every row counts once however the split divides."""
+    module.eval()
     device = inputs.splits[split][1].device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    scores = []
-    first, end = (
-        (0, inputs.size(split)) if distributed is None else distributed.share(inputs.size(split))
-    )
-    for start in range(first, end, batch_size):
-        rows, labels = inputs.batch(split, slice(start, min(start + batch_size, end)))
+    batch = EVAL_BATCH_SIZE if inputs.first else image_batch_size(inputs.img_size, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, rows
+    start, end = shard(world, inputs.size(split))
+    scores = [torch.zeros(0, NUM_CLASSES, device=device)]
+    for first in range(start, end, batch):
+        rows, labels = inputs.batch(split, slice(first, min(first + batch, end)))
         with precision.autocast():
-            logits = inputs.logits(rows)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        if keep_scores:
-            scores.append(logits if distributed is not None else logits.cpu())
-    if distributed is None:
-        count = inputs.size(split)
-    else:
-        counted = torch.tensor(end - first, dtype=torch.int64, device=device)
-        distributed.all_sum(loss_sum, correct, counted)
-        count = int(counted)
-        if keep_scores:
-            local = torch.cat(scores) if scores else torch.zeros(0, NUM_CLASSES, device=device)
-            scores = [distributed.gather_rows(local, inputs.size(split)).cpu()]
-    result = {
-        "loss": float(loss_sum) / max(1, count),
-        "accuracy": int(correct) / max(1, count),
-        "count": count,
-    }
+            logits = module(rows).float()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += (logits.argmax(dim=1) == labels).sum()
+        sums[2] += len(labels)
+        scores += [logits] if keep_scores else []
+    loss, correct, count = all_reduce(world, sums).tolist()
+    result = {"loss": loss / max(1, count), "accuracy": correct / max(1, count), "count": count}
     if keep_scores:
-        result["scores"] = torch.cat(scores) if scores else torch.zeros(0, NUM_CLASSES)
+        result["scores"] = gather_rows(world, torch.cat(scores), inputs.size(split)).cpu()
     return result
 
 
 def new_regime_state() -> dict:
+    """What a checkpoint keeps of a regime's training, besides the model and optimiser."""
     return {
         "epoch": 0,
         "step_in_epoch": 0,
-        "sums": {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0},
+        "sums": {"loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0},
         "history": [],
+        "lr_by_step": [],
         "train_time_s": 0.0,
         "feature_time_s": 0.0,
+        "best_weights": None,  # the trainable tensors of the best epoch (best.pt is rebuilt)
         "early_stopping": {
             "best_val_accuracy": -math.inf,
             "best_epoch": 0,
@@ -1159,218 +936,341 @@ def update_early_stopping(
         early.update(best_val_accuracy=val_accuracy, best_epoch=epoch, bad_epochs=0)
         return True
     early["bad_epochs"] += 1
-    if early["bad_epochs"] >= patience:
-        early["stopped_early"] = True
+    early["stopped_early"] = early["bad_epochs"] >= patience
     return False
 
 
-class StepAgreement:
-    """After each training step: stop (a signal arrived) or give up (the loss is no longer
-    finite)? Decided identically on every process.
+@dataclass
+class Job:
+    """One regime in training: what its steps use, and what its checkpoint keeps."""
 
-    One process reads its own flags at once (the loss only every FINITE_CHECK_INTERVAL steps
-    and when stopping: each read waits for the GPU). Several processes all-reduce (MAX) both
-    flags of every step without waiting for the result and read it after the next step, so all
-    ranks stop after the same step -- a signal that reached only one rank included -- and the
-    device never idles for the vote.
-    """
-
-    def __init__(self, distributed: Distributed, device: torch.device):
-        self.distributed = distributed
-        self.pending = None
-        if distributed.enabled:
-            self.stop_values = torch.tensor([0, 1], dtype=torch.int32, device=device)
-
-    def after_step(
-        self, stop_requested: bool, loss_sum: torch.Tensor, check_loss: bool
-    ) -> tuple[bool, bool]:
-        """(stop, diverged): one process, for this step; several, for the step before."""
-        if not self.distributed.enabled:
-            return stop_requested, check_loss and not math.isfinite(float(loss_sum))
-        import torch.distributed as dist
-
-        decided = self.settle()
-        flags = torch.stack(
-            [self.stop_values[int(stop_requested)], (~torch.isfinite(loss_sum)).to(torch.int32)]
-        )
-        self.pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True))
-        return decided
-
-    def settle(self) -> tuple[bool, bool]:
-        """The outstanding vote's (stop, diverged), if any: call it when the loop ends."""
-        if self.pending is None:
-            return False, False
-        flags, work = self.pending
-        self.pending = None
-        work.wait()
-        stop, nonfinite = flags.tolist()
-        return bool(stop), bool(nonfinite)
+    regime: str
+    settings: dict
+    model: nn.Module
+    module: nn.Module  # what steps call: StagesFrom(model, inputs.first), in DDP's wrapper
+    inputs: RegimeInputs
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    world: World
+    folder: Path
+    state: dict = field(default_factory=new_regime_state)
 
 
-def train_regime(
-    regime: str,
-    inputs: RegimeInputs,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    precision: Precision,
-    settings: dict,
-    args: argparse.Namespace,
-    state: dict,
-    save_checkpoint,
-    stop: StopSignal,
-    on_epoch_end,
-    distributed: Distributed | None = None,
+def training_step(job: Job, index: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on this process's share (every size-th index) of a global batch;
+    returns its (loss sum, correct count) as a float64 tensor on the device. The loss is
+    weighted by the share's size, so the gradients DDP averages are the global batch's."""
+    rows, labels = job.inputs.batch("train", index[job.world.rank :: job.world.size])
+    with job.precision.autocast():
+        logits = job.module(rows)
+    # An empty share (a last batch smaller than the world) still joins DDP's gradient sum.
+    loss = classification_loss(logits, labels) if len(labels) else logits.float().sum() * 0
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scaler.scale(loss * (len(labels) * job.world.size / len(index))).backward()
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.state["lr_by_step"].append(job.optimizer.param_groups[0]["lr"])
+    job.scheduler.step()
+    correct = (logits.detach().argmax(dim=1) == labels).sum()
+    return torch.stack([loss.detach().double() * len(labels), correct.double()])
+
+
+def stop_vote(
+    world: World, stop: StopSignal, loss_sum: torch.Tensor | None = None, rows: int = 0
 ) -> str:
-    """Run (or continue) one regime's training from `state`; returns "done", "stopped" or
-    "diverged".
+    """'stopped' (a signal reached any process), 'diverged' (any process's running loss sum is
+    not finite, or above DIVERGED_LOSS a row) or 'next': the same answer on every process."""
+    flags = torch.tensor([float(stop.received is not None), 0.0])
+    if loss_sum is not None:
+        flags = flags.to(loss_sum.device)
+        flags[1] = ~torch.isfinite(loss_sum) | (loss_sum > DIVERGED_LOSS * max(1, rows))
+    stopped, diverged = all_reduce(world, flags, dist.ReduceOp.MAX).tolist()
+    return "diverged" if diverged else "stopped" if stopped else "next"
 
-    `state` holds the epoch, the step within it and the epoch's running sums, so a checkpoint
-    written mid-epoch resumes bit-identically: the same permutation is drawn again and the
-    finished steps are skipped.
 
-    With several processes, every rank draws the same permutation, cuts it into global batches
-    of --batch-size x world_size and takes every world_size-th index of each (uneven last batch
-    included), so an epoch covers every training image once across ranks. Each rank's loss is
-    weighted by its share of the global batch, so the gradients DDP averages are those of the
-    global batch's mean loss, as one process with that batch would compute. The running sums
-    live on rank 0 (the others count from zero) and are all-reduced at the end of the epoch.
-    """
+def train_regime_epoch(job: Job, args: argparse.Namespace, stop: StopSignal) -> str:
+    """One epoch (what is left of it after a resume), its validation and checkpoint; returns
+    'next', 'stopped' (after a checkpoint) or 'diverged' (nothing written: the last checkpoint
+    is the last good state). Each epoch's order comes from its own seeded generator, so a
+    resumed epoch draws the same permutation and skips the steps already taken."""
     from tqdm import tqdm
 
-    distributed = distributed or Distributed(Launch())
-    model = inputs.model
-    device = inputs.splits["train"][1].device
-    early = state["early_stopping"]
-    num_train = inputs.size("train")
-    global_batch = args.batch_size * distributed.world_size
-    regime_number = REGIMES.index(regime)
-    while state["epoch"] < settings["epochs"] and not early["stopped_early"]:
-        epoch = state["epoch"]
-        if state["step_in_epoch"] == 0:
-            state["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        # Each epoch's order comes from its own seeded generator, so a resumed epoch draws
-        # exactly the same permutation and skips the steps it had already taken.
-        shuffle = torch.Generator().manual_seed(
-            args.seed * 1_000_003 + regime_number * 10_007 + epoch + 1
-        )
-        batches = iterate_batches(num_train, global_batch, shuffle, device)
-        sums = state["sums"]
-        # Running sums stay on the device: reading them back each step would stall the GPU.
-        carried = distributed.is_main  # rank 0 carries the sums of the steps already taken
-        loss_sum = torch.tensor(
-            sums["loss"] if carried else 0.0, dtype=torch.float64, device=device
-        )
-        correct = torch.tensor(sums["correct"] if carried else 0, dtype=torch.int64, device=device)
-        progress = tqdm(
-            total=len(batches),
-            initial=state["step_in_epoch"],
-            desc=f"{regime} {epoch + 1}/{settings['epochs']}",
-            disable=not sys.stderr.isatty() or not distributed.is_main,
-            leave=False,
-        )
-        set_regime_mode(model, regime, training=True)
-        agreement = StepAgreement(distributed, device)
-        epoch_started = time.perf_counter()
-        last_lr = optimizer.param_groups[0]["lr"]
-        diverged = halted = False
-        for index in batches[state["step_in_epoch"] :]:
-            rows, labels = inputs.batch("train", distributed.batch_share(index))
-            with precision.autocast():
-                logits = inputs.train_logits(rows)
-            if distributed.enabled:
-                # An empty share (a last batch smaller than the world) still joins the
-                # gradient all-reduce, with a zero loss that keeps the graph.
-                loss = (
-                    classification_loss(logits, labels) if len(labels) else logits.float().sum() * 0
-                )
-                objective = loss * (len(labels) * distributed.world_size / len(index))
-            else:
-                loss = objective = classification_loss(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            last_lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(labels)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
-            sums["seen"] += len(index)
-            state["step_in_epoch"] += 1
-            progress.update()
-            check_now = state["step_in_epoch"] % FINITE_CHECK_INTERVAL == 0 or stop.received
-            halted, diverged = agreement.after_step(stop.received is not None, loss_sum, check_now)
-            if diverged or halted:
+    state, world, sums = job.state, job.world, job.state["sums"]
+    device = job.inputs.device
+    seed = args.seed * 1_000_003 + REGIMES.index(job.regime) * 10_007 + state["epoch"] + 1
+    batches = iterate_batches(
+        job.inputs.size("train"),
+        args.batch_size * world.size,
+        torch.Generator().manual_seed(seed),
+        device,
+    )
+    running = torch.zeros(2, dtype=torch.float64, device=device)  # read back only at votes
+    rows, outcome, started = 0, "next", time.perf_counter()
+    progress = tqdm(
+        total=len(batches),
+        initial=state["step_in_epoch"],
+        desc=f"{job.regime} {state['epoch'] + 1}/{job.settings['epochs']}",
+        disable=not sys.stderr.isatty() or world.rank != 0,
+        leave=False,
+    )
+    set_regime_mode(job.model, job.regime, training=True)
+    for index in batches[state["step_in_epoch"] :]:
+        running += training_step(job, index)
+        rows += len(index[world.rank :: world.size])
+        state["step_in_epoch"] += 1
+        sums["seen"] += len(index)
+        progress.update()
+        # All processes vote at the same steps; one alone stops as soon as a signal comes.
+        if state["step_in_epoch"] % FINITE_CHECK_INTERVAL == 0 or (
+            world.size == 1 and stop.received
+        ):
+            outcome = stop_vote(world, stop, running[0], rows)
+            if outcome != "next":
                 break
-        late_halt, late_divergence = agreement.settle()
-        halted, diverged = halted or late_halt, diverged or late_divergence
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - epoch_started
-        progress.close()
-        distributed.all_sum(loss_sum, correct)
-        sums["loss"], sums["correct"] = float(loss_sum), int(correct)
-        sums["seconds"] += seconds
-        if diverged or not math.isfinite(sums["loss"]):
-            return "diverged"  # nothing saved: the last checkpoint is the last good state
-        if halted and state["step_in_epoch"] < len(batches):
-            state["train_time_s"] += seconds
-            save_checkpoint(is_best=False)
-            return "stopped"
-        distributed.sync_buffers(model)  # layer4's BatchNorm statistics: rank 0's everywhere
-        val = evaluate(
-            inputs, "val", precision, distributed=distributed if distributed.enabled else None
-        )
-        improved = update_early_stopping(
-            early, val["accuracy"], epoch + 1, args.patience, args.min_delta
-        )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": sums["loss"] / sums["seen"],
-            "train_accuracy": sums["correct"] / sums["seen"],
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": last_lr,
-            "seconds": sums["seconds"],
-            "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9),
-            "best": improved,
-        }
-        state["history"].append(row)
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        state["train_time_s"] += time.perf_counter() - epoch_started
-        save_checkpoint(is_best=improved)
-        on_epoch_end(row)
-        if distributed.any(stop.received is not None):
-            finished = state["epoch"] >= settings["epochs"] or early["stopped_early"]
-            return "done" if finished else "stopped"
-    return "done"
+    progress.close()
+    if outcome == "next":  # the epoch's end: its loss too must be finite before a checkpoint
+        outcome = stop_vote(world, stop, running[0], rows)
+    loss, correct = all_reduce(world, running).tolist()
+    seconds = time.perf_counter() - started
+    sums.update(loss=sums["loss"] + loss, correct=sums["correct"] + correct)
+    sums["seconds"] += seconds
+    if outcome == "diverged":
+        return outcome
+    if state["step_in_epoch"] < len(batches):
+        state["train_time_s"] += seconds
+        save_regime_checkpoint(job, improved=False)
+        return "stopped"
+    end_epoch(job, args, started)
+    return "stopped" if outcome == "stopped" or stop_vote(world, stop) == "stopped" else "next"
+
+
+def end_epoch(job: Job, args: argparse.Namespace, started: float) -> None:
+    """A finished epoch's validation, early stopping, history row and checkpoint."""
+    state, sums, early = job.state, job.state["sums"], job.state["early_stopping"]
+    sync_buffers(job.world, job.model)
+    module = StagesFrom(job.model, job.inputs.first)
+    val = evaluate_split(module, job.inputs, "val", job.precision, job.world)
+    epoch = state["epoch"] + 1
+    improved = update_early_stopping(early, val["accuracy"], epoch, args.patience, args.min_delta)
+    if improved:
+        state["best_weights"] = trainable_state(job.model, job.regime)
+    row = {
+        "epoch": epoch,
+        "train_loss": sums["loss"] / sums["seen"],
+        "train_accuracy": sums["correct"] / sums["seen"],
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "lr": state["lr_by_step"][-1],
+        "seconds": sums["seconds"],
+        "images_per_s": sums["seen"] / max(sums["seconds"], 1e-9),
+        "best": improved,
+    }
+    state["history"].append(row)
+    state.update(epoch=epoch, step_in_epoch=0, sums=new_regime_state()["sums"])
+    state["train_time_s"] += time.perf_counter() - started
+    save_regime_checkpoint(job, improved)
+    log(
+        f"{job.regime} epoch {epoch}/{job.settings['epochs']}  train loss {row['train_loss']:.4f}"
+        f" acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} acc "
+        f"{100 * row['val_accuracy']:.2f}%  lr {row['lr']:.3g}  {row['seconds']:.1f}s  "
+        f"{row['images_per_s']:,.0f} img/s" + ("  (best)" if improved else "")
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# Outputs: metrics, plots, checkpoints (every file written atomically)
+# Runs: exit codes, errors, signals, atomic outputs, run folders, resume and seed summaries.
+# The same, line for line, in cnn_from_scratch.py and resnet18.py (a test holds it so); what
+# differs is in each script's RUN_PREFIX, RUN_DEFINING_ARGS, PROGRESS_FILES, HISTORY_FILES.
 # --------------------------------------------------------------------------------------------
+
+FAILURE_EXIT_CODE = 1  # a write failed (disk full, ...), or another process of the job died
+USAGE_EXIT_CODE = 2  # bad input: the one `error:` line says what to fix
+DIVERGED_EXIT_CODE = 3  # the loss became NaN/inf or exploded
+RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue
+INTERRUPTED_EXIT_CODE = 130  # stopped by Ctrl-C after a checkpoint, or aborted by a second one
+RUN_RECORD = "config.json"  # written when the run folder is made, never rewritten
+FINISHED_RECORD = "metrics.json"  # written last: its presence means the run is finished
+SCRIPTS = {"cnn": "cnn_from_scratch.py", "resnet": "resnet18.py"}
+# Where or how fast a run went, not what it computed: runs differing only in these (and the
+# seed) are summarised together.
+NOT_SETTINGS = ("seed", "data_dir", "output_dir", "resume", "device", "summarize", "no_download")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: one `error:` line, exit code 2."""
+
+
+class OutputError(Exception):
+    """A file could not be written (disk full, file-size limit, path too long): exit code 1."""
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (some run to dozens), at most 200 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(USAGE_EXIT_CODE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a default once: not when the help already names it, nor when there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if "default" in text.lower() or default in (None, argparse.SUPPRESS) or default is False:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def number_type(convert, accept, expected: str):
+    """An argparse `type=` that also refuses nan, inf and values outside `accept`."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+            if accept(value) and math.isfinite(value):
+                return value
+        except (ValueError, OverflowError):
+            pass
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+    return parse
+
+
+positive_int = number_type(int, lambda value: value >= 1, "a whole number of at least 1")
+seed_int = number_type(int, lambda value: 0 <= value < 2**32, "a seed from 0 to 4294967295")
+positive_float = number_type(float, lambda value: value > 0, "a finite number above 0")
+non_negative_float = number_type(float, lambda value: value >= 0, "a finite number >= 0")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options the command line gave itself, one equal to its default included (parsed
+    again with every default hidden)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
+
+
+def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[str]) -> None:
+    """A resumed run keeps what it was made with: RUN_DEFINING_ARGS come from its config.json,
+    and a value given on this command line that differs is refused, never replaced."""
+    for name in RUN_DEFINING_ARGS:
+        given, made_with = getattr(args, name), recorded.get(name, getattr(args, name))
+        if name in explicit and given != made_with:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} {given} contradicts the run being resumed, which was made with {flag} "
+                f"{made_with}: drop {flag} to continue it, or start a new run without --resume"
+            )
+        setattr(args, name, made_with)
+
+
+def apply_array_seed(args: argparse.Namespace) -> int:
+    """In a SLURM job array each task trains its own seed: --seed + SLURM_ARRAY_TASK_ID."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    offset = int(task) if task.isdigit() else 0
+    args.seed += offset
+    return offset
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (SLURM's warning before the time limit) become a
+    flag that training checks: it finishes the step, writes a checkpoint and exits resumable.
+    A second Ctrl-C aborts at once; a second SIGTERM/SIGUSR1 changes nothing."""
+
+    def __enter__(self) -> StopSignal:
+        self.received, self.previous = None, {}
+        for number in STOP_SIGNALS:
+            self.previous[number] = signal.signal(number, self.handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # those held since startup
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+        elif number == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else RESUMABLE_EXIT_CODE
+
+
+def run_main(run, args: argparse.Namespace) -> int:
+    """`run(args, stop)` with stop signals caught from the start; what a user can act on ends
+    as one `error:` line and an exit code, never a traceback."""
+    try:
+        with StopSignal() as stop:
+            return run(args, stop)
+    except (UserError, OutputError) as error:
+        code = USAGE_EXIT_CODE if isinstance(error, UserError) else FAILURE_EXIT_CODE
+        message = str(error)
+    except KeyboardInterrupt:
+        message = "interrupted again: stopped at once; the checkpoints written before are intact"
+        code = INTERRUPTED_EXIT_CODE
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def stop_lines(stop: StopSignal, run_dir: Path) -> list[str]:
+    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`)."""
+    cause, last = stop.received or "a signal to another process of this job", f"stopped: {run_dir}"
+    if run_state(run_dir) != "resumable":
+        return [f"stopped by {cause} before the first checkpoint: run it again", last]
+    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", last]
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python {SCRIPTS[RUN_PREFIX]} --resume {run_dir}"
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: all or nothing."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    """Write a temporary file in the same folder, fsync, then os.replace: all or nothing. A
+    failed write (disk full, file-size limit, path too long) raises OutputError."""
+    path, temporary = Path(path), None
     try:
+        descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            # mkstemp creates the file private (0600); give it the mode a plain open() would,
-            # so results on shared storage stay readable by the group as the umask allows.
+            # mkstemp makes files private (0600); give the mode open() would, so results on
+            # shared storage stay readable by the group as the umask allows.
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(handle.fileno(), 0o666 & ~umask)
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        run_dir = next((p for p in path.parents if (p / RUN_RECORD).is_file()), None)
+        after = "nothing to resume yet: make room (or pass another --output-dir), start again"
+        if run_dir is not None and run_state(run_dir) == "resumable":
+            after = f"the last checkpoint is intact: make room, then {resume_command(run_dir)}"
+        raise OutputError(f"cannot write {path}: {error.strerror or error}; {after}") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -1378,7 +1278,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, payload) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def atomic_torch_save(payload, path: str | Path) -> None:
@@ -1397,303 +1297,537 @@ def save_figure(figure, path: str | Path) -> None:
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Floats to 12 significant digits: a learning rate of 0.1 reads 0.1, not 0.0999..."""
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow({k: round_float(v) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
 
 
+def round_float(value):
+    return float(f"{value:.12g}") if isinstance(value, float) else value
+
+
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Delete the `.<name>.<random>.tmp` files that killed writes left in a run folder."""
+    stale = list(run_dir.rglob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def job_tag() -> str | None:
+    """This SLURM job's part of a run folder's name: <array job>_<task>, or the job id."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+
+
+RUN_NAME = r"_(?P<stamp>\d{8}-\d{6})(?:_(?P<tag>\d+(?:_\d+)?))?(?:-(?P<clash>\d+))?"
+
+
 def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
-    """<output_dir>/<prefix>_<YYYYmmdd-HHMMSS>[_<SLURM_JOB_ID>], created (never reused)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(output_dir) / (f"{prefix}_{stamp}" + (f"_{job}" if job else ""))
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create the results folder {run_dir}: {error.strerror}; "
-            "pass a writable --output-dir"
-        ) from None
+    """A new <output_dir>/<prefix>_<YYYYmmdd-HHMMSS>[_<job tag>], or -2, -3, ... after it:
+    mkdir creates a folder or fails, so two runs started in the same second never share one."""
+    tag = job_tag()
+    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{tag}" if tag else "")
+    for attempt in range(1, 1000):
+        run_dir = Path(output_dir) / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as error:
+            message = f"cannot create {run_dir}: {error.strerror}; pass a writable --output-dir"
+            raise UserError(message) from None
+    raise UserError(f"{output_dir} already holds 999 folders named {name}-*")
+
+
+def new_run(output_dir: str | Path, config: dict) -> Path:
+    run_dir = make_run_dir(output_dir, RUN_PREFIX)
+    atomic_write_json(run_dir / RUN_RECORD, {"script": SCRIPTS[RUN_PREFIX], **config})
     return run_dir
 
 
-def find_resume_checkpoint(
-    resume: str | None, output_dir: str | Path, prefix: str, checkpoint_name: str
-) -> Path | None:
-    """--resume PATH -> PATH; 'auto' -> the newest <prefix>_* checkpoint of this SLURM job (or,
-    outside SLURM, of output_dir), None when there is none; no --resume -> None."""
-    if resume is None:
-        return None
+def read_run_record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {run_dir / RUN_RECORD}: {first_line(error)}") from None
+
+
+def run_state(run_dir: Path) -> str:
+    """'finished', 'resumable' (has a checkpoint), 'unstarted' (stopped or failed before its
+    first checkpoint) or 'foreign' (no run folder of this script)."""
+    try:
+        record = json.loads((run_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return "foreign"
+    if not isinstance(record, dict) or record.get("script") != SCRIPTS[RUN_PREFIX]:
+        return "foreign"
+    if (run_dir / FINISHED_RECORD).is_file():
+        return "finished"
+    if any(next(run_dir.glob(pattern), None) for pattern in PROGRESS_FILES):
+        return "resumable"
+    return "unstarted"
+
+
+def find_resume_run(resume: str | None, output_dir: str | Path) -> Path | None:
+    """--resume auto: the newest unfinished run with a checkpoint, of this SLURM job (or array
+    task) inside SLURM, of output_dir outside it; None if there is none. --resume PATH: that
+    run folder (or the one holding PATH), refused unless this script can continue it."""
     if resume != "auto":
-        path = Path(resume)
-        if path.is_dir():
-            path = path / checkpoint_name
-        if not path.is_file():
-            raise UserError(
-                f"--resume {resume}: no checkpoint file there; "
-                f"pass a {checkpoint_name} path or 'auto'"
-            )
-        return path
-    job = os.environ.get("SLURM_JOB_ID")
-    candidates = Path(output_dir).glob(f"{prefix}_*/{checkpoint_name}")
-    if job:
-        # make_run_dir names this job's folders "<prefix>_<stamp>_<job>", or "..._<job>-<n>" on
-        # a name clash; a glob "_<job>*" would also match other jobs (job 12 matching 123).
-        candidates = [
-            path
-            for path in candidates
-            if path.parent.name.endswith(f"_{job}")
-            or path.parent.name.rpartition("-")[0].endswith(f"_{job}")
-        ]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+        return None if resume is None else check_resumable(Path(resume))
+    found, tag = [], job_tag()
+    for folder in Path(output_dir).glob(f"{RUN_PREFIX}_*"):
+        match = re.fullmatch(RUN_PREFIX + RUN_NAME, folder.name)
+        if match and (tag is None or match["tag"] == tag) and run_state(folder) == "resumable":
+            found.append((match["stamp"], int(match["clash"] or 1), folder))
+    return max(found)[2] if found else None
+
+
+def check_resumable(path: Path) -> Path:
+    run_dir = next((p for p in (path, *path.parents[:2]) if (p / RUN_RECORD).is_file()), None)
+    state = "missing" if run_dir is None else run_state(run_dir)
+    problems = {
+        "missing": f"no run folder there (no {RUN_RECORD})",
+        "foreign": f"that run was not made by {SCRIPTS[RUN_PREFIX]}; resume it with its own script",
+        "finished": "that run is finished (metrics.json) and is never reopened: start a new run",
+        "unstarted": "that run stopped before its first checkpoint: start a new run",
+    }
+    if state in problems:
+        raise UserError(f"--resume {path}: {problems[state]}")
+    return run_dir
 
 
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The CPU generators only: every shuffle and initialisation draws from them, none from a
+    GPU's, so a checkpoint resumes on any number and kind of GPU."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def score_test_set(labels: torch.Tensor, scores: torch.Tensor) -> dict:
-    """scikit-learn's metrics of class scores (N, 62) against labels (N,): the headline
-    numbers, per-class precision/recall/F1/support and the confusion matrix (rows true)."""
-    import numpy as np
-    from sklearn import metrics as skm
-
-    truth = labels.cpu().numpy()
-    score_array = scores.float().numpy()
-    predicted = score_array.argmax(axis=1)
-    classes = np.arange(NUM_CLASSES)
-    with warnings.catch_warnings():
-        # A --limit-test subset may lack some classes; sklearn warns about each such case.
-        warnings.simplefilter("ignore")
-        precision, recall, f1, support = skm.precision_recall_fscore_support(
-            truth, predicted, labels=classes, zero_division=0
-        )
-        result = {
-            "test_accuracy": float(skm.accuracy_score(truth, predicted)),
-            "top5_accuracy": float(
-                skm.top_k_accuracy_score(truth, score_array, k=5, labels=classes)
-            ),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(truth, predicted)),
-            # Averaged over the classes present in the labels or predictions (all 62 on the
-            # full test set), sklearn's default.
-            "macro_f1": float(skm.f1_score(truth, predicted, average="macro", zero_division=0)),
-            "weighted_f1": float(
-                skm.f1_score(truth, predicted, average="weighted", zero_division=0)
-            ),
-        }
-        confusion = skm.confusion_matrix(truth, predicted, labels=classes)
-    result["per_class"] = [
-        {
-            "label": k,
-            "character": EMNIST_BYCLASS_CHARS[k],
-            "precision": float(precision[k]),
-            "recall": float(recall[k]),
-            "f1": float(f1[k]),
-            "support": int(support[k]),
-        }
-        for k in classes.tolist()
-    ]
-    result["confusion_matrix"] = confusion.tolist()
-    return result
-
-
-def most_confused_pairs(confusion: list[list[int]], limit: int = MOST_CONFUSED_PAIRS) -> list:
-    """The largest off-diagonal confusion counts, e.g. o->0, l->1, as csv rows."""
-    matrix = torch.tensor(confusion, dtype=torch.int64)
-    off_diagonal = matrix.clone()
-    off_diagonal.fill_diagonal_(0)
-    support = matrix.sum(dim=1)
-    counts, flat = off_diagonal.flatten().sort(descending=True, stable=True)
-    rows = []
-    for count, index in zip(counts.tolist()[:limit], flat.tolist()[:limit], strict=True):
-        if count == 0:
-            break
-        true, predicted = divmod(index, NUM_CLASSES)
-        rows.append(
-            {
-                "true_label": true,
-                "true_char": EMNIST_BYCLASS_CHARS[true],
-                "predicted_label": predicted,
-                "predicted_char": EMNIST_BYCLASS_CHARS[predicted],
-                "count": count,
-                "share_of_true_class": count / max(1, int(support[true])),
-            }
-        )
-    return rows
-
-
-def plot_training_curves(history: list[dict], path: Path, title: str) -> None:
+def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
+    """Loss and accuracy per epoch (train and validation) and the learning rate of each step."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
-    figure, (loss_axis, accuracy_axis, lr_axis) = plt.subplots(1, 3, figsize=(15, 4))
-    for split in ("train", "val"):
-        loss_axis.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
-        accuracy_axis.plot(
-            epochs, [100 * row[f"{split}_accuracy"] for row in history], marker="o", label=split
-        )
-    lr_axis.plot(epochs, [row["lr"] for row in history], marker="o", color="tab:green")
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    lr_axis.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (end of epoch)")
-    for axis in (loss_axis, accuracy_axis, lr_axis):
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    for split, style in (("train", "o-"), ("val", "s--")):
+        axes[0].plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split)
+        accuracy = [100 * row[f"{split}_accuracy"] for row in history]
+        axes[1].plot(epochs, accuracy, style, label=split)
+    steps_per_epoch = len(lr_by_step) / max(1, len(history))
+    axes[2].plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step)
+    names = ("cross-entropy loss", "accuracy (%)", "learning rate (per step)")
+    for axis, name in zip(axes, names):
+        axis.set(xlabel="epoch", ylabel=name, title=name.split(" (")[0].capitalize())
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-    loss_axis.legend()
-    accuracy_axis.legend()
+    axes[0].legend(), axes[1].legend(), axes[2].set_xlim(left=0)
     figure.suptitle(title)
     save_figure(figure, path)
 
 
-def plot_confusion_matrix(confusion: list[list[int]], path: Path, title: str) -> None:
+def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title: str) -> None:
+    """The errors (off the diagonal) on a colour scale of their own, so a handful of mistakes
+    shows beside thousands of right answers; counts in the cells for up to 20 classes."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    matrix = torch.tensor(confusion, dtype=torch.float64)
-    normalised = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)  # rows: true class
-    figure, axis = plt.subplots(figsize=(13, 12))
-    image = axis.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.02, label="share of the true class")
-    ticks = range(NUM_CLASSES)
-    characters = list(EMNIST_BYCLASS_CHARS)
-    axis.set_xticks(ticks, characters, fontsize=7)
-    axis.set_yticks(ticks, characters, fontsize=7)
-    axis.set(xlabel="predicted", ylabel="true", title=title)
+    matrix, size = np.array(confusion, dtype=float), len(class_names)
+    errors = np.where(np.eye(size, dtype=bool) | (matrix == 0), np.nan, matrix)  # 0: white
+    most = max(1.0, np.nanmax(errors, initial=0))
+    figure, axis = plt.subplots(figsize=(max(6.5, size * 0.2 + 3), max(5.5, size * 0.2 + 2)))
+    image = axis.imshow(errors, cmap="Reds", vmin=0, vmax=most)
+    axis.imshow(np.where(np.eye(size, dtype=bool), 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
+    figure.colorbar(image, ax=axis, label="misclassified test images (count)")
+    fontsize = 9 if size <= 20 else 6
+    axis.set_xticks(range(size), class_names, fontsize=fontsize)
+    axis.set_yticks(range(size), class_names, fontsize=fontsize)
+    correct, total = int(np.trace(matrix)), int(matrix.sum())
+    axis.set(xlabel="predicted class", ylabel="true class")
+    axis.set_title(f"{title}\n{correct:,} of {total:,} correct (grey diagonal)")
+    for (row, column), value in np.ndenumerate(matrix if size <= 20 else np.zeros((0, 0))):
+        if value or row == column:
+            dark = row != column and value > most / 2
+            style = {
+                "color": "white" if dark else "black",
+                "weight": "bold" if row == column else "normal",
+            }
+            axis.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=7, **style)
     save_figure(figure, path)
 
 
-def read_history(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return [
-            {
-                key: (value == "True" if key == "best" else float(value))
-                for key, value in row.items()
-            }
-            for row in csv.DictReader(handle)
-        ]
+def summarize_runs(run_dirs: list[str], output_dir: str | Path) -> Path:
+    """Mean, std (n - 1), min, max and n of each number in the finished runs' metrics.json,
+    written to a new <prefix>_summary_<stamp> folder; the runs may differ only in the seed."""
+    states = {Path(name): run_state(Path(name)) for name in run_dirs}
+    if "foreign" in states.values():
+        foreign = [str(d) for d, state in states.items() if state == "foreign"]
+        raise UserError(f"--summarize: not runs of {SCRIPTS[RUN_PREFIX]}: {', '.join(foreign)}")
+    finished = [d for d, state in states.items() if state == "finished"]
+    if not finished:
+        raise UserError("--summarize: none of these runs is finished (no metrics.json yet)")
+    records = [read_run_record(d) for d in finished]
+    settings = [{k: v for k, v in r["args"].items() if k not in NOT_SETTINGS} for r in records]
+    differing = sorted({k for s in settings for k in s if s.get(k) != settings[0].get(k)})
+    if differing:
+        raise UserError(
+            f"--summarize: these runs differ in more than the seed ({', '.join(differing)}); "
+            "summarise runs made with the same settings"
+        )
+    values = [flat_numbers(json.loads((d / FINISHED_RECORD).read_text())) for d in finished]
+    metrics = {}
+    for key in [key for key in values[0] if all(key in v for v in values)]:
+        column = [v[key] for v in values]
+        spread = statistics.stdev(column) if len(column) > 1 else 0.0
+        metrics[key] = {"mean": statistics.fmean(column), "std": spread, "n": len(column)}
+        metrics[key].update(min=min(column), max=max(column))
+    summary = {
+        "script": SCRIPTS[RUN_PREFIX],
+        "runs": [str(d) for d in finished],
+        "seeds": [r["args"]["seed"] for r in records],
+        "left_out_unfinished": [str(d) for d, state in states.items() if state != "finished"],
+        "settings": settings[0],
+        "metrics": metrics,
+    }
+    folder = make_run_dir(output_dir, f"{RUN_PREFIX}_summary")
+    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_text(folder / "summary.md", summary_markdown(summary))
+    plot_seed_curves(finished, summary["seeds"], folder / "summary.png")
+    return folder
 
 
-def format_metric(name: str, value) -> str:
+def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics.json, nested keys joined by '.' (no tables, no flags)."""
+    found = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict) and key != "per_class":
+            found.update(flat_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[prefix + key] = float(value)
+    return found
+
+
+def summary_markdown(summary: dict) -> str:
+    title = f"# {summary['script']}: {len(summary['runs'])} runs, seeds {summary['seeds']}"
+    lines = [title, "", "| metric | mean ± std | min | max | n |", "|---|---|---|---|---|"]
+    for key, s in summary["metrics"].items():
+        scale, unit = (100, " (%)") if key.endswith("accuracy") else (1, "")
+        mean, std, low, high = (scale * s[k] for k in ("mean", "std", "min", "max"))
+        lines.append(
+            f"| {key}{unit} | {mean:.4g} ± {std:.2g} | {low:.4g} | {high:.4g} | {s['n']} |"
+        )
+    if summary["left_out_unfinished"]:
+        lines += ["", "Left out (unfinished): " + ", ".join(summary["left_out_unfinished"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:
+    """Every run's validation accuracy per epoch, overlaid, one panel per history file."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    count = len(HISTORY_FILES)
+    figure, axes = plt.subplots(
+        1, count, figsize=(6 * count, 4), squeeze=False, layout="constrained"
+    )
+    for axis, name in zip(axes[0], HISTORY_FILES):
+        for run_dir, seed in [(d, s) for d, s in zip(run_dirs, seeds) if (d / name).is_file()]:
+            with open(run_dir / name, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            accuracy = [100 * float(row["val_accuracy"]) for row in rows]
+            axis.plot([int(row["epoch"]) for row in rows], accuracy, "o-", label=f"seed {seed}")
+        axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title=name)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        if axis.lines:  # none when no run has this file (linear_probe-only ResNet runs)
+            axis.legend()
+    figure.suptitle(f"{SCRIPTS[RUN_PREFIX]}: validation accuracy of {len(run_dirs)} seeds")
+    save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs of this script: checkpoints, test metrics, the comparison of the regimes
+# --------------------------------------------------------------------------------------------
+
+MOST_CONFUSED_COLUMNS = ("true_label", "true_char", "predicted_label", "predicted_char")
+MOST_CONFUSED_COLUMNS += ("count", "share_of_true_class")
+
+
+def trainable_state(model: nn.Module, regime: str) -> dict:
+    """A CPU copy of the regime's trainable tensors (BatchNorm statistics included)."""
+    return {
+        name: tensor.detach().to("cpu", copy=True)
+        for name, tensor in model.state_dict().items()
+        if name.startswith(TRAINABLE_PREFIXES[regime])
+    }
+
+
+def save_regime_checkpoint(job: Job, improved: bool) -> None:
+    """history.csv, best.pt (when the epoch improved), then last.pt, all from the same state:
+    none of them is ever behind the checkpoint that a resume continues from."""
+    if job.world.rank != 0:
+        return
+    write_csv(job.folder / "history.csv", job.state["history"])
+    if improved:
+        write_best(job)
+    checkpoint = {
+        "model": job.model.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scheduler": job.scheduler.state_dict(),
+        "scaler": job.scaler.state_dict(),  # empty unless fp16
+        "state": job.state,
+        "epoch": job.state["epoch"],
+        "rng": capture_rng_state(),
+        "autocast_dtype": job.precision.autocast_dtype,
+        "regime": job.regime,
+        "settings": job.settings,
+    }
+    atomic_torch_save(checkpoint, job.folder / "last.pt")
+
+
+def write_best(job: Job) -> None:
+    """best.pt: what evaluating the best epoch needs (weights, regime, its validation score)."""
+    early = job.state["early_stopping"]
+    best = {
+        "model": {**job.model.state_dict(), **job.state["best_weights"]},
+        "regime": job.regime,
+        "epoch": early["best_epoch"],
+        "val_accuracy": early["best_val_accuracy"],
+        "img_size": job.inputs.img_size,
+        "classes": EMNIST_BYCLASS_CHARS,
+    }
+    atomic_torch_save(best, job.folder / "best.pt")
+
+
+def read_regime_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not a checkpoint at all
+        raise UserError(
+            f"cannot read the checkpoint {path} ({error_text(error)}): "
+            "it is damaged; start a new run without --resume"
+        ) from None
+
+
+def resume_job(job: Job, checkpoint: dict, path: Path) -> None:
+    """Continue from last.pt. The precision follows this device (a bf16 checkpoint continues
+    in fp16 on an older GPU, and back): a scaler state is loaded only where both have one."""
+    try:
+        job.model.load_state_dict(checkpoint["model"])
+        job.optimizer.load_state_dict(checkpoint["optimizer"])
+        job.scheduler.load_state_dict(checkpoint["scheduler"])
+        state, rng, scaler = checkpoint["state"], checkpoint["rng"], checkpoint["scaler"]
+        dtype = checkpoint["autocast_dtype"]
+        if job.scaler.is_enabled() and scaler:
+            job.scaler.load_state_dict(scaler)
+        restore_rng_state(rng)
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        what = f"it has no {error}" if isinstance(error, KeyError) else error_text(error)
+        raise UserError(
+            f"{path} does not fit this run ({what}): it was written by another version of "
+            "resnet18.py or for another model; start a new run without --resume"
+        ) from None
+    job.state = state
+    log(f"{job.regime}: resumed {path} at epoch {state['epoch']} step {state['step_in_epoch']}")
+    if dtype != job.precision.autocast_dtype:
+        log(f"{job.regime}: ran {dtype or 'float32'} so far; now {job.precision.describe()}")
+    if state["best_weights"] is not None and not (job.folder / "best.pt").is_file():
+        if job.world.rank == 0:
+            write_best(job)
+        log(f"{job.regime}: best.pt was missing: rebuilt from {path}")
+
+
+def score_test_set(labels: torch.Tensor, scores: torch.Tensor) -> dict:
+    """The test metrics of class scores (N, 62) against labels (N,), as scikit-learn defines
+    them: the headline numbers, per-class precision/recall/F1/support and the confusion
+    matrix (rows: true class). Macro F1 and balanced accuracy average over the classes present
+    (in the labels or predictions; in the labels), all 62 on the full test set."""
+    predicted = scores.argmax(dim=1)
+    confusion = torch.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES**2)
+    confusion = confusion.view(NUM_CLASSES, NUM_CLASSES).double()
+    correct, support, chosen = confusion.diag(), confusion.sum(dim=1), confusion.sum(dim=0)
+    precision, recall = correct / chosen.clamp(min=1), correct / support.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    top5 = (scores.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
+    result = {
+        "test_accuracy": correct.sum().item() / len(labels),
+        "top5_accuracy": top5.double().mean().item(),
+        "balanced_accuracy": recall[support > 0].mean().item(),
+        "macro_f1": f1[(support > 0) | (chosen > 0)].mean().item(),
+        "weighted_f1": (f1 * support).sum().item() / len(labels),
+    }
+    result["per_class"] = [
+        {
+            "label": k,
+            "character": EMNIST_BYCLASS_CHARS[k],
+            "precision": precision[k].item(),
+            "recall": recall[k].item(),
+            "f1": f1[k].item(),
+            "support": int(support[k]),
+        }
+        for k in range(NUM_CLASSES)
+    ]
+    result["confusion_matrix"] = confusion.long().tolist()
+    return result
+
+
+def most_confused_pairs(confusion: list[list[int]], limit: int = 30) -> list[dict]:
+    """The largest off-diagonal confusion counts (o->0, l->1, ...), as csv rows."""
+    matrix = torch.tensor(confusion, dtype=torch.int64)
+    support = matrix.sum(dim=1)
+    counts, flat = matrix.fill_diagonal_(0).flatten().sort(descending=True, stable=True)
+    rows = []
+    for count, index in zip(counts[:limit].tolist(), flat[:limit].tolist()):
+        true, predicted = divmod(index, NUM_CLASSES)
+        values = (true, EMNIST_BYCLASS_CHARS[true], predicted, EMNIST_BYCLASS_CHARS[predicted])
+        share = count / max(1, int(support[true]))
+        rows += [dict(zip(MOST_CONFUSED_COLUMNS, (*values, count, share)))] if count else []
+    return rows
+
+
+def regime_metrics(job: Job, scored: dict, test: dict, wall_started: float) -> dict:
+    """metrics.json of a regime: the test scores and how the training went (the settings are
+    in config.json)."""
+    state, early, device = job.state, job.state["early_stopping"], job.inputs.device
+    images = sum(row["seconds"] * row["images_per_s"] for row in state["history"])
+    if device.type == "cuda":
+        memory, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    else:  # the whole process's peak (KiB on Linux), not one regime's
+        import resource
+
+        memory, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+    return {
+        "regime": job.regime,
+        **{key: scored[key] for key in PERCENT_METRICS},
+        "test_loss": test["loss"],
+        "trainable_params": count_trainable(job.model),
+        "epochs_run": len(state["history"]),
+        "best_epoch": early["best_epoch"],
+        "best_val_accuracy": early["best_val_accuracy"],
+        "stopped_early": early["stopped_early"],
+        # Steps, validation and (cached inputs) the frozen stages' pass; not checkpoints/test.
+        "train_time_s": state["train_time_s"],
+        "feature_time_s": state["feature_time_s"],
+        "images_per_s": round(images) / max(state["train_time_s"], 1e-9),
+        "step_images_per_s": images / max(sum(row["seconds"] for row in state["history"]), 1e-9),
+        "peak_memory_mb": memory,
+        "peak_memory_kind": kind,
+        "test_images": int(test["count"]),
+        "train_images": job.inputs.size("train"),
+        "val_images": job.inputs.size("val"),
+        "world_size": job.world.size,
+        "global_batch_size": job.settings["batch_size"] * job.world.size,
+        "precision": job.precision.describe(),
+        "autocast_dtype": job.precision.autocast_dtype,
+        "cached_frozen_stages": job.inputs.first,
+        "wall_time_s": time.perf_counter() - wall_started,  # this invocation's part
+    }
+
+
+def metric_text(key: str, value, sign: str = "") -> str:
+    """A metric as the console and comparison.md show it (scores in percent)."""
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if key in PERCENT_METRICS:
+        return f"{100 * value:{sign}.2f}"
     if isinstance(value, int):
-        return f"{value:,}"
-    if name.endswith(("_s", "_mb")) or name == "images_per_s":
-        return f"{value:,.1f}"
-    return f"{value:.4f}"
+        return f"{value:{sign},}"
+    if key == "test_loss":
+        return f"{value:{sign}.4f}"
+    return f"{value:{sign},.1f}" if key == "train_time_s" else f"{value:{sign},.0f}"
+
+
+METRIC_UNITS = {
+    **dict.fromkeys(PERCENT_METRICS, "%"),
+    "trainable_params": "parameters",
+    "epochs_run": "epochs",
+    "best_epoch": "epoch",
+    "train_time_s": "s",
+    "images_per_s": "images/s",
+    "peak_memory_mb": "MiB",
+}
 
 
 def write_comparison(run_dir: Path, results: dict[str, dict]) -> None:
-    """comparison.md/json/png: every metric side by side, validation curves overlaid."""
-    import matplotlib.pyplot as plt
-
+    """comparison.md and .json (every metric side by side, and the difference) and
+    comparison.png (test scores, validation curves, training time, trainable parameters)."""
     regimes = list(results)
-    table = ["| metric | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
+    first, last = results[regimes[0]], results[regimes[-1]]
+    lines = [
+        f"# ResNet-18 on EMNIST ByClass: {' vs '.join(regimes)}",
+        "",
+        f"Run `{run_dir.name}`, {first['test_images']:,} test images; the training time "
+        "includes the frozen stages' pass (cached inputs). Difference: "
+        f"{regimes[-1]} minus {regimes[0]} (percentage points for %).",
+        "",
+        f"| metric | unit | {' | '.join(regimes)} | difference |",
+        "|---|---|" + "---|" * len(regimes) + "---|",
+    ]
     for key in METRIC_KEYS:
-        cells = [format_metric(key, results[r][key]) for r in regimes]
-        table.append(f"| {key} | " + " | ".join(cells) + " |")
-    text = (
-        f"# ResNet-18 on EMNIST ByClass: {' vs '.join(regimes)}\n\n"
-        f"Run folder `{run_dir.name}`; test set of {results[regimes[0]]['test_images']:,} images; "
-        "accuracies are fractions; times in seconds; train_time_s includes feature caching "
-        "for linear_probe.\n\n" + "\n".join(table) + "\n"
-    )
-    atomic_write_text(run_dir / "comparison.md", text)
-    atomic_write_json(
-        run_dir / "comparison.json",
-        {regime: {key: results[regime][key] for key in METRIC_KEYS} for regime in regimes},
-    )
+        cells = [metric_text(key, results[regime][key]) for regime in regimes]
+        numeric = not isinstance(first[key], bool)
+        change = metric_text(key, last[key] - first[key], "+") if numeric else ""
+        lines.append(f"| {key} | {METRIC_UNITS.get(key, '')} | {' | '.join(cells)} | {change} |")
+    atomic_write_text(run_dir / "comparison.md", "\n".join(lines) + "\n")
+    table = {regime: {key: results[regime][key] for key in METRIC_KEYS} for regime in regimes}
+    atomic_write_json(run_dir / "comparison.json", table)
+    plot_comparison(run_dir, results)
 
-    figure, (bar_axis, accuracy_axis, loss_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
-    scores = ("test_accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
-    width = 0.8 / len(regimes)
+
+def plot_comparison(run_dir: Path, results: dict[str, dict]) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    regimes, width = list(results), 0.8 / len(results)
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
+    scores, curves, times, sizes = axes.flatten()
     for offset, regime in enumerate(regimes):
-        positions = [i + (offset - (len(regimes) - 1) / 2) * width for i in range(len(scores))]
-        bar_axis.bar(positions, [results[regime][k] for k in scores], width, label=regime)
-        history = read_history(run_dir / regime / "history.csv")
-        epochs = [row["epoch"] for row in history]
-        accuracy_axis.plot(
-            epochs, [100 * row["val_accuracy"] for row in history], marker="o", label=regime
-        )
-        loss_axis.plot(epochs, [row["val_loss"] for row in history], marker="o", label=regime)
-    bar_axis.set_xticks(range(len(scores)), [s.replace("_", "\n") for s in scores], fontsize=8)
-    bar_axis.set(ylim=(0, 1), title="Test metrics")
-    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Validation loss")
-    for axis in (bar_axis, accuracy_axis, loss_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
+        places = [k + (offset - (len(regimes) - 1) / 2) * width for k in range(5)]
+        values = [100 * results[regime][key] for key in PERCENT_METRICS]
+        scores.bar_label(scores.bar(places, values, width, label=regime), fmt="%.1f", fontsize=8)
+        with open(run_dir / regime / "history.csv", newline="") as handle:
+            history = list(csv.DictReader(handle))
+        epochs = [int(row["epoch"]) for row in history]
+        accuracy = [100 * float(row["val_accuracy"]) for row in history]
+        curves.plot(epochs, accuracy, "o-", label=regime)
+    names = ["test\naccuracy", "top-5\naccuracy", "balanced\naccuracy", "macro F1", "weighted F1"]
+    scores.set_xticks(range(len(names)), names)
+    scores.set(ylim=(0, 109), ylabel="percent of the test set", title="Test scores (%)")
+    curves.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis, key, unit, title in (
+        (times, "train_time_s", "seconds", "Training time (s): steps, validation, frozen pass"),
+        (sizes, "trainable_params", "parameters", "Trainable parameters (log scale)"),
+    ):
+        values = [results[regime][key] for regime in regimes]
+        bars = axis.bar(regimes, values, color=["tab:blue", "tab:orange"][: len(regimes)])
+        axis.bar_label(bars, [metric_text(key, value) for value in values])
+        axis.set(ylabel=unit, title=title, ylim=(0, 1.15 * max(values)))
+    sizes.set_yscale("log")
+    sizes.set_ylim(1, 30 * max(results[regime]["trainable_params"] for regime in regimes))
+    for axis in axes.flatten():
+        axis.grid(alpha=0.3, axis="y")
+    scores.legend(), curves.legend()
+    figure.suptitle(f"ResNet-18 on EMNIST ByClass: {' vs '.join(regimes)} ({run_dir.name})")
     save_figure(figure, run_dir / "comparison.png")
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    import resource
-
-    # ru_maxrss is in KiB on Linux (bytes on macOS): the whole process's peak, not one regime's.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process_max_rss"
 
 
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "patience", "limit_train", "limit_test"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr is not None and (not args.lr > 0 or not math.isfinite(args.lr)):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
-    for name in ("weight_decay", "warmup_epochs", "min_delta"):
-        value = getattr(args, name)
-        if value is not None and (not value >= 0 or not math.isfinite(value)):
-            raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-    if not 32 <= args.img_size <= 512:
-        raise UserError(
-            f"--img-size must be between 32 and 512, got {args.img_size} (ResNet-18 "
-            "downsamples 32x, so smaller inputs leave layer4 less than one pixel of its own)"
-        )
-    if not 0 < args.val_fraction < 1:
-        raise UserError(
-            f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}"
-        )
-    if not args.dist_timeout > 0 or not math.isfinite(args.dist_timeout):
-        raise UserError(f"--dist-timeout must be a positive number, got {args.dist_timeout}")
-
-
-def merge_resumed_args(
-    args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser
-) -> None:
-    """Take the run-defining hyperparameters from the checkpoint; refuse explicit contradictions."""
-    for name in RUN_DEFINING_ARGS:
-        given, default, recorded = getattr(args, name), parser.get_default(name), saved[name]
-        if given != default and given != recorded:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{flag} {given} contradicts the checkpoint being resumed, which was made with "
-                f"{flag} {recorded}; resume with the same arguments, or start a new run "
-                "without --resume"
-            )
-        setattr(args, name, recorded)
 
 
 def lr_scale(rule: str, global_batch: int) -> float:
@@ -1703,286 +1837,152 @@ def lr_scale(rule: str, global_batch: int) -> float:
 
 
 def regime_settings(args: argparse.Namespace, regime: str, world_size: int = 1) -> dict:
-    """The regime's defaults with the command line's explicit overrides; `lr` is the peak
-    learning rate actually used, `base_lr` the one given (or defaulted) before --lr-scaling."""
-    settings = dict(REGIME_DEFAULTS[regime])
-    for name in settings:
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+    """The regime's defaults with the command line's overrides; `lr` is the peak learning rate
+    used, `base_lr` the one given (or defaulted) before --lr-scaling."""
+    settings = dict(REGIME_DEFAULTS[regime], batch_size=args.batch_size)
+    settings.update({k: getattr(args, k) for k in REGIME_DEFAULTS[regime] if getattr(args, k)})
     settings["base_lr"] = settings["lr"]
-    settings["lr"] = settings["lr"] * lr_scale(args.lr_scaling, args.batch_size * world_size)
+    settings["lr"] *= lr_scale(args.lr_scaling, args.batch_size * world_size)
     if settings["warmup_epochs"] > settings["epochs"]:
         raise UserError(
-            f"{regime}: --warmup-epochs {settings['warmup_epochs']} is longer than its "
+            f"{regime}: --warmup-epochs {settings['warmup_epochs']:g} is longer than its "
             f"{settings['epochs']} epochs"
         )
     return settings
 
 
-def distributed_record(
-    args: argparse.Namespace, distributed: Distributed, device: torch.device, settings: dict
-) -> dict:
-    """How the work was spread over processes, and the batch and learning-rate rule that
-    follow, for the log and config.json."""
-    global_batch = args.batch_size * distributed.world_size
-    factor = lr_scale(args.lr_scaling, global_batch)
-    rules = {
-        "none": "as given (each regime's default or --lr), not scaled with the global batch",
-        "sqrt": f"x sqrt({global_batch}/{LR_REFERENCE_BATCH}) = x{factor:.4g} (--lr-scaling sqrt)",
-        "linear": f"x {global_batch}/{LR_REFERENCE_BATCH} = x{factor:.4g} (--lr-scaling linear)",
-    }
-    if not distributed.enabled:
-        batchnorm = "one process: statistics of each batch"
+def distributed_record(args: argparse.Namespace, world: World, device, settings: dict) -> dict:
+    """How the work is spread over processes, and the batch and learning rate that follow."""
+    global_batch = args.batch_size * world.size
+    rule = f"x {lr_scale(args.lr_scaling, global_batch):.4g} ({args.lr_scaling} of "
+    rule += f"{global_batch}/{LR_REFERENCE_BATCH})"
+    if world.size == 1:
+        batchnorm = "one process: each batch's statistics"
     elif device.type == "cuda":
-        batchnorm = "SyncBatchNorm: statistics of the whole global batch, as one process"
+        batchnorm = "SyncBatchNorm: the statistics of the whole global batch"
     else:
-        batchnorm = (
-            "per process (PyTorch's SyncBatchNorm needs GPUs): statistics of each process's "
-            "share of the batch; running averages kept from rank 0"
-        )
+        batchnorm = "per process (no SyncBatchNorm on the CPU); rank 0's running statistics"
     return {
-        **distributed.describe(),
+        "world_size": world.size,
+        "launcher": world.launcher,
+        "backend": world.backend,
         "per_process_batch_size": args.batch_size,
         "global_batch_size": global_batch,
         "lr_scaling": args.lr_scaling,
-        "lr_rule": rules[args.lr_scaling],
+        "lr_rule": "as given, not scaled with the batch" if args.lr_scaling == "none" else rule,
         "lr": {regime: values["lr"] for regime, values in settings.items()},
         "batchnorm": batchnorm,
     }
 
 
-def run_folder_of(record: Path) -> Path:
-    """The run folder of a --resume path: its config.json, or a file inside a regime folder."""
-    for folder in (record.parent, record.parent.parent):
-        if (folder / RUN_RECORD).is_file():
-            return folder
-    raise UserError(f"--resume {record}: not inside a results folder (no {RUN_RECORD} beside it)")
+def training_module(model: nn.Module, first: int, world: World, device) -> nn.Module:
+    """What training steps call: the stages from `first` on, and with several processes
+    inside DDP, which averages the gradients (and on the CPU, which has no SyncBatchNorm,
+    starts each forward from rank 0's BatchNorm statistics)."""
+    from torch.nn.parallel import DistributedDataParallel
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args, parser)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return USAGE_EXIT_CODE
-
-
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    # Signals are caught from the start: one that arrives while the data load does not kill
-    # the job; the regime loop sees it before the next regime and exits resumable.
-    with StopSignal() as stop:
-        distributed = Distributed(detect_launch())
-        if not distributed.enabled:
-            return train_and_report(args, parser, stop, distributed)
-        return run_distributed(args, parser, stop, distributed)
-
-
-def run_distributed(
-    args: argparse.Namespace,
-    parser: argparse.ArgumentParser,
-    stop: StopSignal,
-    distributed: Distributed,
-) -> int:
-    """One process of a DDP job: only rank 0 prints (the others' stdout is discarded). Every
-    rank ends with the same exit code after a barrier, so none exits while rank 0 still writes,
-    and exits at once, still inside StopSignal: a launcher that ends the job's other processes
-    when one exits (srun --kill-on-bad-exit, torchrun) then cannot turn a clean 75 into a death
-    by SIGTERM. A collective that fails (another process died, or hung past --dist-timeout)
-    ends this one at once with a clear message and DIST_FAILURE_EXIT_CODE."""
-    quiet = contextlib.nullcontext()
-    if not distributed.is_main:
-        quiet = contextlib.redirect_stdout(open(os.devnull, "w"))  # noqa: SIM115
-    where = f"rank {distributed.rank} of {distributed.world_size} on {socket.gethostname()}"
-    try:
-        with quiet:
-            try:
-                code = train_and_report(args, parser, stop, distributed)
-            except (UserError, PeerFailed) as error:
-                # No barrier: the other ranks met the same error (from_main and everywhere
-                # raise it on every rank), or see this one's connections close when it exits.
-                if isinstance(error, UserError):
-                    print(f"error: {error}", file=sys.stderr, flush=True)
-                else:
-                    print(f"{where}: stopping: {error}", file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(USAGE_EXIT_CODE)
-            distributed.barrier()
-            distributed.close()
-            sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # every file was written (atomically, fsynced) before the barrier
-    except Exception as error:
-        import traceback
-
-        traceback.print_exc()
-        if is_collective_failure(error):
-            message = (
-                f"a collective operation failed ({first_line(error)}). Another process of "
-                "this job has died or hung (its own log says why; torchrun and srun name the "
-                "first failure), so this one stops too"
-            )
-        else:
-            message = f"failed ({first_line(error)}); the other processes stop with it"
-        print(
-            f"error: {where}: {message}. Checkpoints written before are kept: resume with "
-            "--resume auto.",
-            file=sys.stderr,
-            flush=True,
-        )
-        # The process group is broken or half-used: skip the interpreter's cleanup, which would
-        # wait on it or abort in its destructors.
-        os._exit(DIST_FAILURE_EXIT_CODE)
-
-
-def is_collective_failure(error: BaseException) -> bool:
-    """A failed or timed-out collective (NCCL's DistError, gloo's RuntimeError)."""
-    import torch.distributed as dist
-
-    text = str(error)
-    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out")
-    return isinstance(error, dist.DistError) or any(marker in text for marker in markers)
-
-
-def train_and_report(
-    args: argparse.Namespace,
-    parser: argparse.ArgumentParser,
-    stop: StopSignal,
-    distributed: Distributed | None = None,
-) -> int:
-    distributed = distributed or Distributed(Launch())
-    validate_args(args)
-    device = distributed.start(select_device(args.device), args.dist_timeout)
-
-    def find_run() -> tuple[str, dict] | None:
-        record = find_resume_checkpoint(args.resume, args.output_dir, RUN_PREFIX, RUN_RECORD)
-        if record is None:
-            return None
-        folder = run_folder_of(record)
-        try:
-            return str(folder), json.loads((folder / RUN_RECORD).read_text())
-        except Exception as error:
-            raise UserError(f"cannot read {folder / RUN_RECORD} to resume: {error}") from None
-
-    # Rank 0 finds the run to continue and reads its record; every rank gets the same.
-    found = distributed.from_main(find_run)
-    run_dir = None
-    if found is not None:
-        run_dir, recorded = Path(found[0]), found[1]
-        try:
-            saved = dict(recorded["args"])
-            for name in RUN_DEFINING_ARGS:  # runs recorded before an option existed
-                saved.setdefault(name, parser.get_default(name))
-            merge_resumed_args(args, saved, parser)
-        except UserError:
-            raise
-        except Exception as error:
-            raise UserError(f"cannot read {run_dir / RUN_RECORD} to resume: {error}") from None
-        processes = recorded.get("distributed", {}).get("world_size", 1)
-        if processes != distributed.world_size:
-            raise UserError(
-                f"{run_dir} was trained by {processes} process(es) and this launch has "
-                f"{distributed.world_size}: resume with {processes}, so that the global batch, "
-                "the steps per epoch and the step to continue from stay the same"
-            )
-    regimes = REGIMES if args.regime == "both" else (args.regime,)
-    settings = {regime: regime_settings(args, regime, distributed.world_size) for regime in regimes}
-    environment = environment_summary(device)
-    log("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None))
-    precision = select_precision(device, args.amp)
-    configure_backends(device)
-    download = not args.no_download
-    distributed.everywhere(
-        lambda: ensure_weights_available(args.weights, download=download), node_leader_first=True
+    if world.size == 1:
+        return StagesFrom(model, first)
+    # forward_sync_buffers replaces broadcast_buffers (deprecated in torch 2.14).
+    sync = "forward_sync_buffers"
+    if sync not in inspect.signature(DistributedDataParallel).parameters:
+        sync = "broadcast_buffers"
+    devices = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        StagesFrom(model, first), devices, **{sync: device.type != "cuda"}
     )
 
-    seed_everything(args.seed)
-    data = distributed.everywhere(lambda: prepare_data(args, device), node_leader_first=True)
-    sizes = {split: len(labels) for split, (_, labels) in data.items()}
+
+def start_job(
+    args: argparse.Namespace,
+    regime: str,
+    settings: dict,
+    data: dict,
+    precision: Precision,
+    world: World,
+    folder: Path,
+) -> Job:
+    """The regime's model, inputs and optimiser, continued from its last.pt when there is one.
+    (A stop signal that comes meanwhile is seen at the first training step.)"""
+    device = data["train"][1].device
+    checkpoint = read_regime_checkpoint(
+        folder / "last.pt"
+    )  # a damaged one fails before the slow part
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same fc whether or not another regime ran first
+    model = build_model(regime, load_backbone_weights(args.weights, not args.no_download))
+    if world.size > 1 and device.type == "cuda" and regime == "partial_unfreeze":
+        # layer4 normalises with the whole global batch's statistics, as one process would.
+        model.layer4 = nn.SyncBatchNorm.convert_sync_batchnorm(model.layer4)
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    model = model.to(device, memory_format=layout)
+    started = time.perf_counter()
+    inputs, how = regime_inputs(model, regime, data, args, precision, world)
+    seconds = (time.perf_counter() - started) if inputs.first else 0.0
+    log(f"{regime}: {' + '.join(STAGES[: FROZEN_STAGES[regime]])} {how} in {seconds:.1f}s")
+    # The fused kernel updates every tensor in one pass (for layer4: 5.6x faster on a CPU).
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        settings["lr"],
+        weight_decay=settings["weight_decay"],
+        fused=device.type in ("cpu", "cuda"),
+    )
+    steps = math.ceil(inputs.size("train") / (args.batch_size * world.size))
+    schedule = WarmupCosine(steps * settings["epochs"], round(settings["warmup_epochs"] * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    module = training_module(model, inputs.first, world, device)
+    job = Job(
+        regime,
+        settings,
+        model,
+        module,
+        inputs,
+        optimizer,
+        scheduler,
+        scaler,
+        precision,
+        world,
+        folder,
+    )
+    if checkpoint is not None:
+        resume_job(job, checkpoint, folder / "last.pt")
+    job.state["feature_time_s"] += seconds
+    job.state["train_time_s"] += seconds
+    return job
+
+
+def finish_regime(job: Job, test_labels: torch.Tensor, wall_started: float) -> dict:
+    """The test set, once, through the best epoch's weights; every output of the regime, with
+    metrics.json last (its presence means the regime is finished)."""
+    job.model.load_state_dict(job.state["best_weights"], strict=False)
+    module = StagesFrom(job.model, job.inputs.first)
+    test = evaluate_split(module, job.inputs, "test", job.precision, job.world, keep_scores=True)
+    if job.world.rank != 0:
+        return {}
+    folder, state, title = job.folder, job.state, f"ResNet-18 {job.regime}"
+    scored = score_test_set(test_labels.cpu(), test["scores"])
+    metrics = regime_metrics(job, scored, test, wall_started)
+    write_csv(folder / "per_class.csv", scored["per_class"])
+    confused = most_confused_pairs(scored["confusion_matrix"])
+    if confused:
+        write_csv(folder / "most_confused.csv", confused)
+    else:  # a perfect score: the header alone, so the file still parses as the same table
+        atomic_write_text(folder / "most_confused.csv", ",".join(MOST_CONFUSED_COLUMNS) + "\n")
+    write_csv(folder / "history.csv", state["history"])
+    curves = folder / "training_curves.png"
+    plot_training_curves(state["history"], state["lr_by_step"], curves, title)
+    classes, confusion = list(EMNIST_BYCLASS_CHARS), scored["confusion_matrix"]
+    plot_confusion_matrix(confusion, classes, folder / "confusion_matrix.png", f"{title}: test")
+    atomic_write_json(folder / FINISHED_RECORD, metrics)
+    shown = {key: metric_text(key, metrics[key]) for key in METRIC_KEYS}
     log(
-        f"data: EMNIST ByClass {sizes['train']:,} train, {sizes['val']:,} val, "
-        f"{sizes['test']:,} test images on {device} (uint8, upright); resized to "
-        f"{args.img_size}x{args.img_size} on the device; {precision.describe()}"
+        f"{job.regime}: test accuracy {shown['test_accuracy']}%  top-5 {shown['top5_accuracy']}%"
+        f"  balanced {shown['balanced_accuracy']}%  macro F1 {shown['macro_f1']}%  loss "
+        f"{shown['test_loss']}  best epoch {metrics['best_epoch']} of {metrics['epochs_run']}  "
+        f"train time {shown['train_time_s']}s ({shown['images_per_s']} img/s)"
     )
-    parallel = distributed_record(args, distributed, device, settings)
-    if distributed.enabled:
-        log(
-            f"distributed: {distributed.world_size} processes ({distributed.launch.launcher}, "
-            f"{distributed.backend}); batch {args.batch_size} per process = "
-            f"{parallel['global_batch_size']} global; learning rate: {parallel['lr_rule']}; "
-            f"layer4 BatchNorm: {parallel['batchnorm']}"
-        )
-    elif args.lr_scaling != "none":
-        log(f"learning rate: {parallel['lr_rule']}")
-
-    def new_run() -> str:
-        if args.resume == "auto":
-            log("resume: no run found, starting a new run")
-        folder = make_run_dir(args.output_dir, RUN_PREFIX)
-        config = {
-            "args": vars(args),
-            "environment": environment,
-            "precision": precision.describe(),
-            "data": sizes,
-            "regime_settings": settings,
-            "optimizer": "AdamW on the trainable parameters; linear warmup then cosine decay",
-            "distributed": parallel,
-        }
-        atomic_write_json(folder / RUN_RECORD, config)
-        return str(folder)
-
-    if run_dir is None:
-        run_dir = Path(distributed.from_main(new_run))
-    else:
-        log(f"resuming {run_dir}")
-    log(f"run folder: {run_dir}")
-
-    results = {}
-    for regime in regimes:
-        if distributed.any(stop.received is not None):
-            outcome, metrics = "stopped", None
-        else:
-            outcome, metrics = run_regime(
-                args,
-                regime,
-                settings[regime],
-                data,
-                device,
-                precision,
-                run_dir,
-                stop,
-                distributed,
-            )
-        if outcome == "diverged":
-            print(
-                f"error: the {regime} training loss became NaN/inf; the last good "
-                f"checkpoint (if any epoch finished) is kept in {run_dir / regime}. Lower "
-                f"--lr (now {settings[regime]['lr']}) or raise --warmup-epochs.",
-                file=sys.stderr,
-                flush=True,
-            )
-            return DIVERGED_EXIT_CODE
-        if outcome == "stopped":
-            log(
-                f"stopped by {stop.received or 'a signal to another process'} during {regime}: "
-                "checkpoint in "
-                f"{run_dir / regime}; continue with --resume auto (or --resume {run_dir})"
-            )
-            log(f"results: {run_dir}")
-            return RESUMABLE_EXIT_CODE
-        results[regime] = metrics
-    if len(results) > 1 and distributed.is_main:
-        write_comparison(run_dir, results)
-        log(
-            "comparison: "
-            + "; ".join(
-                f"{r} test acc {100 * m['test_accuracy']:.2f}% in {m['train_time_s']:.1f}s"
-                for r, m in results.items()
-            )
-        )
-    log(f"results: {run_dir}")
-    return 0
+    return metrics
 
 
 def run_regime(
@@ -1990,275 +1990,204 @@ def run_regime(
     regime: str,
     settings: dict,
     data: dict,
-    device: torch.device,
     precision: Precision,
-    run_dir: Path,
+    world: World,
+    folder: Path,
     stop: StopSignal,
-    distributed: Distributed | None = None,
-) -> tuple[str, dict | None]:
-    """Train, test and write one regime's outputs, or continue it from <regime>/last.pt;
-    a regime whose metrics.json exists is finished and only read back.
-
-    With several processes every rank trains and evaluates its share; rank 0 alone reads and
-    writes files, and what it reads (a checkpoint to resume, the best weights) is broadcast.
-    The metrics are returned on rank 0 only (the others get an empty dict)."""
-    distributed = distributed or Distributed(Launch())
-    shared = distributed if distributed.enabled else None  # evaluate()'s argument
-    regime_dir = run_dir / regime
-    metrics_path = regime_dir / "metrics.json"
-
-    def finished_metrics() -> dict | None:
-        if not metrics_path.is_file():
-            return None
-        log(f"{regime}: already finished, not redone ({metrics_path})")
-        return json.loads(metrics_path.read_text())
-
-    finished = distributed.from_main(finished_metrics)
-    if finished is not None:
-        return "done", finished
-    if distributed.is_main:
-        regime_dir.mkdir(exist_ok=True)
+) -> tuple[str, dict]:
+    """Train (or continue) and test one regime: ('done', metrics), or ('stopped' or
+    'diverged', where). A finished regime (its metrics.json exists) is only read back."""
+    if (folder / FINISHED_RECORD).is_file():
+        log(f"{regime}: already finished, not redone ({folder / FINISHED_RECORD})")
+        return "done", json.loads((folder / FINISHED_RECORD).read_text())
     started = time.perf_counter()
-    channels_last = device.type == "cuda"
-    seed_everything(args.seed)  # the same fc init whether or not another regime ran first
-    model = build_model(regime, args.weights, NUM_CLASSES, download=not args.no_download)
-    if distributed.enabled and device.type == "cuda" and regime == "partial_unfreeze":
-        # layer4 trains in train mode: its BatchNorms normalise with the statistics of the
-        # whole global batch, as one process would (parameters and buffers are kept as is).
-        model.layer4 = nn.SyncBatchNorm.convert_sync_batchnorm(model.layer4)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = model.to(device, memory_format=memory_format)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_params = sum(p.numel() for p in trainable)
-    # The fused kernel updates all tensors in one pass: 5.6x faster than the default on this
-    # 2-core CPU for layer4's 8.4M parameters (0.008 s vs 0.045 s a step), and GPUs gain too.
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=settings["lr"],
-        weight_decay=settings["weight_decay"],
-        fused=device.type in ("cpu", "cuda"),
-    )
-    steps_per_epoch = math.ceil(len(data["train"][1]) / (args.batch_size * distributed.world_size))
-    schedule = WarmupCosine(
-        steps_per_epoch * settings["epochs"], round(settings["warmup_epochs"] * steps_per_epoch)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    state = new_regime_state()
-    last_path, best_path = regime_dir / LAST_CHECKPOINT, regime_dir / BEST_CHECKPOINT
-
-    def read_last() -> dict | None:
-        if not last_path.is_file():
-            return None
-        try:
-            return torch.load(last_path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise UserError(f"cannot resume from {last_path}: {error}") from None
-
-    checkpoint = distributed.from_main(read_last)  # every rank resumes from rank 0's bytes
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            state = checkpoint["state"]
-            restore_rng_state(checkpoint["rng"])
-        except Exception as error:
-            raise UserError(f"cannot resume from {last_path}: {error}") from None
-        log(
-            f"{regime}: resumed {last_path} at epoch {state['epoch']} step {state['step_in_epoch']}"
-        )
+    if world.rank == 0:
+        folder.mkdir(exist_ok=True)
+    job = start_job(args, regime, settings, data, precision, world, folder)
     log(
-        f"{regime}: {trainable_params:,} trainable parameters "
+        f"{regime}: {count_trainable(job.model):,} trainable parameters "
         f"({' + '.join(p.rstrip('.') for p in TRAINABLE_PREFIXES[regime])}); AdamW lr "
         f"{settings['lr']:g} weight decay {settings['weight_decay']:g}, at most "
         f"{settings['epochs']} epochs, {settings['warmup_epochs']:g} warmup, batch "
-        f"{args.batch_size}"
-        + (f" x {distributed.world_size} processes" if distributed.enabled else "")
-        + f", early stopping patience {args.patience}"
+        f"{args.batch_size}{f' x {world.size} processes' if world.size > 1 else ''}, early "
+        f"stopping patience {args.patience}"
     )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if job.inputs.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.inputs.device)
+    state, early = job.state, job.state["early_stopping"]
+    while state["epoch"] < settings["epochs"] and not early["stopped_early"]:
+        outcome = train_regime_epoch(job, args, stop)
+        if outcome != "next":
+            return outcome, {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+    return "done", finish_regime(job, data["test"][1], started)
 
-    if regime == "linear_probe":
-        # The backbone is frozen and in eval mode, so its features are a fixed function of the
-        # image: computed once per split here instead of once per epoch.
-        feature_started = time.perf_counter()
-        splits = {}
-        for split, (images, labels) in data.items():
-            if distributed.enabled:
-                # Each rank runs the backbone on its own block of rows; the blocks are
-                # gathered, so every rank holds every row's features, computed once.
-                first, end = distributed.share(len(images))
-                features = extract_features(
-                    model, images[first:end], args.img_size, precision, channels_last=channels_last
-                )
-                features = distributed.gather_rows(features, len(images))
-                if distributed.any(stop.received is not None):
-                    features = None
-            else:
-                features = extract_features(
-                    model, images, args.img_size, precision, channels_last=channels_last, stop=stop
-                )
-            if features is None:
-                return "stopped", None
-            splits[split] = (features, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        feature_seconds = time.perf_counter() - feature_started
-        state["feature_time_s"] += feature_seconds
-        state["train_time_s"] += feature_seconds
-        log(
-            f"{regime}: cached the frozen backbone's features of every split "
-            f"in {feature_seconds:.1f}s"
-        )
-        inputs = RegimeInputs(model, splits, True, args.img_size, channels_last)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    args.explicit = sorted(explicit_options(parser, argv))
+    return run_main(run, args)
+
+
+def run(args: argparse.Namespace, stop: StopSignal) -> int:
+    """Everything each process checks before the process group starts (the run to resume,
+    the weights, the data: a first download must not outlast NCCL's watchdog), then training."""
+    if args.summarize:
+        log(f"summary: {summarize_runs(args.summarize, args.output_dir)}")
+        return 0
+    offset = apply_array_seed(args)
+    args.data_dir = str(Path(args.data_dir).resolve())
+    world = launch_from_environment(os.environ)
+    if world.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (rank 0 alone prints)
+    device = select_device(args.device)
+    run_dir = find_resume_run(args.resume, args.output_dir)
+    if run_dir is not None:
+        recorded = read_run_record(run_dir)
+        merge_resumed_args(args, recorded.get("args", {}), set(args.explicit))
+        processes = recorded.get("distributed", {}).get("world_size", 1)
+        if processes != world.size:
+            raise UserError(
+                f"{run_dir} was trained by {processes} process(es) and this launch has "
+                f"{world.size}: resume with {processes}, so that the global batch, the steps "
+                "per epoch and the step to continue from stay the same"
+            )
+    elif args.resume == "auto":
+        log("resume: no unfinished run found, starting a new run")
+    if offset:
+        log(f"seed: {args.seed} (--seed + SLURM_ARRAY_TASK_ID {offset})")
+    regimes = REGIMES if args.regime == "both" else (args.regime,)
+    settings = {regime: regime_settings(args, regime, world.size) for regime in regimes}
+    load_backbone_weights(args.weights, not args.no_download)  # before any run folder
+    data = prepare_data(args)
+    world, device = init_distributed(world, device, args.dist_timeout)
+    try:
+        code = train_and_report(args, stop, world, device, data, run_dir, settings)
+    except BaseException as error:
+        if world.size == 1:
+            raise
+        end_after_failure(world, error)
+    if world.size > 1:
+        dist.barrier()  # nobody exits while rank 0 still writes
+        dist.destroy_process_group()
+    return code
+
+
+def end_after_failure(world: World, error: BaseException) -> None:
+    """One process of several failed, or saw another fail at a collective: one error line,
+    then exit at once, skipping the interpreter's cleanup of a broken process group (which can
+    hang); torchrun and srun --kill-on-bad-exit end the other processes."""
+    if isinstance(error, (UserError, OutputError)):
+        message, code = str(error), USAGE_EXIT_CODE if isinstance(error, UserError) else 1
     else:
-        inputs = RegimeInputs(model, data, False, args.img_size, channels_last)
-    if distributed.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Gradients of the trainable parameters are averaged across ranks in backward; the
-        # CPU's per-process BatchNorm statistics are made rank 0's at each forward.
-        # (forward_sync_buffers replaces broadcast_buffers, deprecated in torch 2.14.)
-        sync_name = "broadcast_buffers"
-        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-            sync_name = "forward_sync_buffers"
-        inputs.train_module = DistributedDataParallel(
-            model.fc if regime == "linear_probe" else model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-            **{sync_name: device.type != "cuda"},
+        message, code = (
+            f"rank {world.rank} of {world.size} on {socket.gethostname()}: stopping after "
+            f"{error_text(error)}. Another process of this job has "
+            "died or hung (its own log says why), or this one failed; the checkpoints written "
+            "before are intact: --resume <the run folder this log names> continues it",
+            FAILURE_EXIT_CODE,
         )
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
-    checkpoint_config = {"args": vars(args), "regime": regime, "settings": settings}
 
-    def save_checkpoint(is_best: bool) -> None:
-        if not distributed.is_main:
-            return
-        buffer = io.BytesIO()
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": state["epoch"],
-                "early_stopping": state["early_stopping"],
-                "state": state,
-                "rng": capture_rng_state(),
-                "config": checkpoint_config,
-            },
-            buffer,
-        )
-        if is_best:
-            atomic_write_bytes(best_path, buffer.getvalue())
-        atomic_write_bytes(last_path, buffer.getvalue())
+def train_and_report(
+    args: argparse.Namespace,
+    stop: StopSignal,
+    world: World,
+    device: torch.device,
+    data: dict,
+    run_dir: Path | None,
+    settings: dict,
+) -> int:
+    precision = select_precision(device, args.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    import torchvision
 
-    def on_epoch_end(row: dict) -> None:
-        if not distributed.is_main:
-            return
-        write_csv(regime_dir / "history.csv", state["history"])
-        log(
-            f"{regime} epoch {row['epoch']}/{settings['epochs']}  train loss "
-            f"{row['train_loss']:.4f} acc {100 * row['train_accuracy']:.2f}%  val loss "
-            f"{row['val_loss']:.4f} acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.3g}  "
-            f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
-            + ("  (best)" if row["best"] else "")
-        )
-
-    outcome = train_regime(
-        regime,
-        inputs,
-        optimizer,
-        scheduler,
-        scaler,
-        precision,
-        settings,
-        args,
-        state,
-        save_checkpoint,
-        stop,
-        on_epoch_end,
-        distributed,
-    )
-    if outcome != "done":
-        return outcome, None
-
-    early = state["early_stopping"]
-    best = distributed.from_main(
-        lambda: torch.load(best_path, map_location="cpu", weights_only=False)["model"]
-    )
-    model.load_state_dict(best)  # the test set sees the best epoch's weights, once
-    test = evaluate(inputs, "test", precision, keep_scores=True, distributed=shared)
-    if not distributed.is_main:
-        return "done", {}
-    if test["count"] != len(data["test"][1]):
-        raise RuntimeError(f"the test evaluation counted {test['count']} images, not all")
-    scored = score_test_set(data["test"][1], test["scores"])
-    memory, memory_kind = peak_memory_mb(device)
-    history = state["history"]
-    images_trained = sum(row["seconds"] * row["images_per_s"] for row in history)
-    step_seconds = sum(row["seconds"] for row in history)
-    metrics = {
-        "regime": regime,
-        "test_accuracy": scored["test_accuracy"],
-        "top5_accuracy": scored["top5_accuracy"],
-        "balanced_accuracy": scored["balanced_accuracy"],
-        "macro_f1": scored["macro_f1"],
-        "weighted_f1": scored["weighted_f1"],
-        "test_loss": test["loss"],
-        "trainable_params": trainable_params,
-        "epochs_run": len(history),
-        "max_epochs": settings["epochs"],
-        "best_epoch": early["best_epoch"],
-        "best_val_accuracy": early["best_val_accuracy"],
-        "stopped_early": early["stopped_early"],
-        # Training wall time: feature caching (linear_probe), steps and validation; not the
-        # checkpoint writes or the test.
-        "train_time_s": state["train_time_s"],
-        "feature_time_s": state["feature_time_s"],
-        # Training images per second of train_time_s (end to end), and of the steps alone.
-        "images_per_s": round(images_trained) / max(state["train_time_s"], 1e-9),
-        "step_images_per_s": images_trained / max(step_seconds, 1e-9),
-        "peak_memory_mb": memory,
-        "peak_memory_kind": memory_kind,
-        "test_images": test["count"],
-        "train_images": inputs.size("train"),
-        "val_images": inputs.size("val"),
-        "img_size": args.img_size,
-        "batch_size": args.batch_size,
-        "world_size": distributed.world_size,
-        "global_batch_size": args.batch_size * distributed.world_size,
-        "optimizer": "AdamW",
-        **{name: settings[name] for name in ("lr", "weight_decay", "warmup_epochs")},
-        "precision": precision.describe(),
-        "device": str(device),
-        "wall_time_s": time.perf_counter() - started,  # this invocation's part of the regime
-    }
-    write_csv(regime_dir / "per_class.csv", scored["per_class"])
-    confused = most_confused_pairs(scored["confusion_matrix"])
-    if confused:
-        write_csv(regime_dir / "most_confused.csv", confused)
-    else:  # a perfect score: keep the header so the file still parses as the same table
-        atomic_write_text(regime_dir / "most_confused.csv", ",".join(MOST_CONFUSED_COLUMNS) + "\n")
-    plot_training_curves(history, regime_dir / "training_curves.png", f"ResNet-18 {regime}")
-    plot_confusion_matrix(
-        scored["confusion_matrix"],
-        regime_dir / "confusion_matrix.png",
-        f"ResNet-18 {regime}: test confusion matrix (row-normalised)",
-    )
-    metrics["wall_time_s"] = time.perf_counter() - started
-    atomic_write_json(metrics_path, metrics)  # written last: its presence means "finished"
+    environment = {**environment_summary(device), "torchvision": torchvision.__version__}
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        environment["cuda"] = torch.version.cuda
+        environment["compute_capability"] = f"{properties.major}.{properties.minor}"
+        environment["gpu_memory_gb"] = round(properties.total_memory / 2**30, 1)
+    log("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None))
+    data = {split: (x.to(device), labels.to(device)) for split, (x, labels) in data.items()}
+    sizes = {split: len(labels) for split, (_, labels) in data.items()}
     log(
-        f"{regime}: test accuracy {100 * metrics['test_accuracy']:.2f}%  top-5 "
-        f"{100 * metrics['top5_accuracy']:.2f}%  balanced {100 * metrics['balanced_accuracy']:.2f}%"
-        f"  macro F1 {metrics['macro_f1']:.4f}  loss {metrics['test_loss']:.4f}  best epoch "
-        f"{metrics['best_epoch']} of {metrics['epochs_run']}  train time "
-        f"{metrics['train_time_s']:.1f}s ({metrics['images_per_s']:,.0f} img/s)"
+        f"data: EMNIST ByClass {sizes['train']:,} train, {sizes['val']:,} val, "
+        f"{sizes['test']:,} test images on {device} (uint8, upright), resized to "
+        f"{args.img_size}x{args.img_size} there; {precision.describe()}"
     )
-    return "done", metrics
+    parallel = distributed_record(args, world, device, settings)
+    if world.size > 1:
+        log(
+            f"distributed: {world.size} processes ({world.launcher}, {world.backend}); batch "
+            f"{args.batch_size} per process = {parallel['global_batch_size']} global; learning "
+            f"rate: {parallel['lr_rule']}; layer4 BatchNorm: {parallel['batchnorm']}"
+        )
+    if world.rank == 0 and run_dir is None:
+        options = {k: v for k, v in vars(args).items() if k != "explicit"}
+        record = {"args": options, "environment": environment, "data": sizes}
+        record.update(precision=precision.describe(), autocast_dtype=precision.autocast_dtype)
+        record.update(regime_settings=settings, distributed=parallel)
+        run_dir = new_run(args.output_dir, record)
+    elif world.rank == 0:
+        removed = remove_stale_temp_files(run_dir)
+        log(f"resuming {run_dir}" + (f" ({removed} temporary files removed)" if removed else ""))
+    run_dir = Path(broadcast_object(world, str(run_dir)))
+    log(f"run folder: {run_dir}")
+    results = {}
+    for regime, values in settings.items():
+        folder = run_dir / regime
+        outcome, results[regime] = run_regime(
+            args, regime, values, data, precision, world, folder, stop
+        )
+        if outcome != "done":
+            return report_unfinished(outcome, results[regime], folder, values, stop, world)
+    if world.rank == 0:
+        finish_run(run_dir, results)
+    log(f"results: {run_dir}")
+    return 0
+
+
+def report_unfinished(
+    outcome: str, where: dict, folder: Path, settings: dict, stop: StopSignal, world: World
+) -> int:
+    """The closing lines of a regime whose loss diverged (exit 3) or that a signal stopped."""
+    position = f"epoch {where['epoch'] + 1}, step {where['step_in_epoch']}"
+    if outcome == "diverged":
+        last = folder / "last.pt"
+        kept = "no checkpoint was written before it"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else kept
+        print(
+            f"error: the {folder.name} training loss diverged (NaN/inf or above "
+            f"{DIVERGED_LOSS:g}) at {position}; {kept}. Lower --lr (now "
+            f"{settings['lr']:g}) or raise --warmup-epochs, and start a new run",
+            file=sys.stderr if world.rank == 0 else sys.stdout,
+            flush=True,
+        )
+        return DIVERGED_EXIT_CODE
+    cause = stop.received or "a signal to another process of this job"
+    log(f"stopped by {cause} during {folder.name} ({position})")
+    for line in stop_lines(stop, folder.parent):
+        log(line)
+    return stop.exit_code
+
+
+def finish_run(run_dir: Path, results: dict) -> None:
+    """The comparison of the regimes, then the run's metrics.json, last: the run is finished."""
+    if len(results) > 1:
+        write_comparison(run_dir, results)
+        summary = [
+            f"{regime} test accuracy {metric_text('test_accuracy', metrics['test_accuracy'])}% "
+            f"in {metrics['train_time_s']:.1f}s"
+            for regime, metrics in results.items()
+        ]
+        log("comparison: " + "; ".join(summary))
+    atomic_write_json(run_dir / FINISHED_RECORD, results)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 Same synthetic EMNIST-shaped subset, same epochs (resnet18.py's linear-probe default, 15), same
 batches (one seeded permutation per epoch), same fc initialisation and AdamW settings, on
-resnet18.py's own functions (build_model, preprocess, extract_features, iterate_batches):
+resnet18.py's own functions (build_model, normalise_and_resize, frozen_outputs, run_stages,
+iterate_batches):
 
-  cached     extract_features() once (the frozen backbone in eval mode), then every epoch
-             trains fc on rows of that (N, 512) tensor: what resnet18.py does.
+  cached     frozen_outputs() once (the frozen backbone in eval mode), then every epoch
+             trains fc on rows of that (N, 512) tensor: what resnet18.py does by default.
   uncached   every step runs the frozen backbone on the batch's images (no gradients), then
-             trains fc on its output: the textbook loop.
+             trains fc on its output: the textbook loop (resnet18.py --cache-frozen off).
 
 ImageNet weights are not needed: random backbone weights cost the same. The final fc weights of
 the two are compared (they should agree to rounding), and the last line printed is the ratio of
@@ -28,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import resnet18  # noqa: E402
+
+STAGES = resnet18.FROZEN_STAGES["linear_probe"]  # everything before fc
 
 
 def train_fc(model, epochs, batch_size, lr, precision, features_of_batch, labels) -> float:
@@ -84,18 +87,18 @@ def main() -> None:
 
     # Warm-up outside the timings: the first forward passes at a new shape pay one-off kernel
     # selection (oneDNN/cuDNN), which would otherwise land on whichever path runs first.
-    warm = resnet18.build_model("linear_probe", weights="none").to(device).eval()
+    warm = resnet18.build_model("linear_probe", None).to(device).eval()
     for batch in (args.batch_size, min(args.images, resnet18.EVAL_BATCH_SIZE)):
-        resnet18.extract_features(warm, images[:batch], args.img_size, precision)
+        resnet18.frozen_outputs(warm, images[:batch], STAGES, args.img_size, precision)
 
     results = {}
     for name in ("cached", "uncached"):
         torch.manual_seed(0)  # the same fc initialisation for both
-        model = resnet18.build_model("linear_probe", weights="none").to(device)
+        model = resnet18.build_model("linear_probe", None).to(device)
         model.eval()  # the frozen backbone; fc has no dropout or BatchNorm either
         started = time.perf_counter()
         if name == "cached":
-            features = resnet18.extract_features(model, images, args.img_size, precision)
+            features = resnet18.frozen_outputs(model, images, STAGES, args.img_size, precision)
             feature_seconds = time.perf_counter() - started
 
             def features_of_batch(index, features=features):
@@ -105,9 +108,9 @@ def main() -> None:
 
             @torch.no_grad()
             def features_of_batch(index, model=model):
-                x = resnet18.preprocess(images[index], args.img_size)
+                x = resnet18.normalise_and_resize(images[index], args.img_size)
                 with precision.autocast():
-                    return resnet18.backbone_features(model, x).float()
+                    return resnet18.run_stages(model, x, 0, STAGES)
 
         train_seconds = train_fc(
             model, args.epochs, args.batch_size, lr, precision, features_of_batch, labels

@@ -3,8 +3,8 @@
 No EMNIST and no ImageNet weights are available on the machine this was written on, so this
 measures optimisation progress only, on a proxy: scikit-learn's 1,797 real handwritten 8x8
 digits, upscaled and padded to EMNIST's 28x28, through resnet18.py's own code (build_model with
-random backbone weights, preprocess, extract_features, WarmupCosine, the regimes' train modes)
-at --img-size 32. It says which optimiser makes progress at lr 0.01 (linear probe, cached
+random backbone weights, normalise_and_resize, frozen_outputs, WarmupCosine, the regimes' train
+modes) at --img-size 32. It says which optimiser makes progress at lr 0.01 (linear probe, cached
 features) and 5e-4 (partial unfreeze); it says nothing about EMNIST accuracy.
 
     python bench/resnet_optimizer_proxy.py
@@ -37,10 +37,10 @@ def digits_as_emnist() -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list[tuple]:
     settings = resnet18.REGIME_DEFAULTS[regime]
-    train_index, val_index = resnet18.split_train_val(labels, 0.25, seed=0)
+    train_index, val_index = resnet18.stratified_split(labels, 0.25, seed=0)
     precision = resnet18.select_precision(torch.device("cpu"), True)
     torch.manual_seed(0)
-    model = resnet18.build_model(regime, weights="none", num_classes=10)
+    model = resnet18.build_model(regime, None, num_classes=10)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if optimizer_name == "AdamW":
         optimizer = torch.optim.AdamW(
@@ -59,18 +59,15 @@ def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, resnet18.WarmupCosine(steps * epochs, warmup)
     )
-    if regime == "linear_probe":
-        features = resnet18.extract_features(model, images, IMG_SIZE, precision)
-        splits = {
-            "train": (features[train_index], labels[train_index]),
-            "val": (features[val_index], labels[val_index]),
-        }
-    else:
-        splits = {
-            "train": (images[train_index], labels[train_index]),
-            "val": (images[val_index], labels[val_index]),
-        }
-    inputs = resnet18.RegimeInputs(model, splits, regime == "linear_probe", IMG_SIZE, False)
+    # The linear probe trains on the frozen backbone's cached features, as resnet18.py does.
+    first = resnet18.FROZEN_STAGES[regime] if regime == "linear_probe" else 0
+    rows = resnet18.frozen_outputs(model, images, first, IMG_SIZE, precision) if first else images
+    splits = {
+        "train": (rows[train_index], labels[train_index]),
+        "val": (rows[val_index], labels[val_index]),
+    }
+    inputs = resnet18.RegimeInputs(splits, first, IMG_SIZE)
+    module = resnet18.StagesFrom(model, first)
     progress = []
     for epoch in range(epochs):
         resnet18.set_regime_mode(model, regime, training=True)
@@ -78,14 +75,14 @@ def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list
         for index in resnet18.iterate_batches(len(train_index), BATCH_SIZE, generator, "cpu"):
             rows, batch_labels = inputs.batch("train", index)
             with precision.autocast():
-                logits = inputs.logits(rows)
+                logits = module(rows)
             loss = resnet18.classification_loss(logits, batch_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-        train_loss = resnet18.evaluate(inputs, "train", precision)["loss"]
-        val_accuracy = resnet18.evaluate(inputs, "val", precision)["accuracy"]
+        train_loss = resnet18.evaluate_split(module, inputs, "train", precision)["loss"]
+        val_accuracy = resnet18.evaluate_split(module, inputs, "val", precision)["accuracy"]
         progress.append((epoch + 1, round(train_loss, 3), round(val_accuracy, 3)))
     return progress
 

@@ -5,8 +5,9 @@ same synthetic EMNIST-shaped uint8 images (28x28, 62 classes; the pixel values d
 the cost):
 
   on-device    resnet18.py's path: the uint8 tensor is on the device; iterate_batches draws a
-               randperm, preprocess() normalises and resizes (bilinear, F.interpolate) per batch.
-               Its batches are 1-channel, because resnet18.py sums conv1 over RGB.
+               randperm, normalise_and_resize() normalises and resizes (bilinear,
+               F.interpolate) per batch. Its batches are 1-channel, because resnet18.py
+               sums conv1 over RGB.
   torchvision  DataLoader(num_workers=2, persistent workers, shuffle) over a Dataset that, like
                torchvision.datasets.EMNIST, makes a PIL image per item, then Resize,
                Grayscale(3), ToTensor, Normalize.
@@ -87,7 +88,7 @@ def time_on_device_epoch(
     started, count = time.perf_counter(), 0
     generator = torch.Generator().manual_seed(epoch)
     for index in resnet18.iterate_batches(len(labels), batch_size, generator, images.device):
-        x, y = resnet18.preprocess(images[index], img_size), labels[index]
+        x, y = resnet18.normalise_and_resize(images[index], img_size), labels[index]
         if three_channels:
             x = x.expand(-1, 3, -1, -1).contiguous()
         count += len(y)
@@ -134,7 +135,7 @@ def main() -> None:
     loader = torchvision_loader(images, labels, args.img_size, args.batch_size, args.workers)
 
     # The two paths deliver the same normalised values (up to the resize implementations).
-    sample = resnet18.preprocess(images[:4], args.img_size)
+    sample = resnet18.normalise_and_resize(images[:4], args.img_size)
     reference = torch.stack([loader.dataset[i][0] for i in range(4)])
     difference = (sample.expand(-1, 3, -1, -1) - reference).abs().max().item()
 

@@ -14,9 +14,12 @@ import io
 import json
 import math
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -100,7 +103,8 @@ def one_cpu_thread():
 @pytest.fixture(autouse=True)
 def offline_environment(monkeypatch, standin_weights):
     monkeypatch.setenv("TORCH_HOME", str(standin_weights["torch_home"]))
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    for name in [name for name in os.environ if name.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
@@ -108,14 +112,32 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     """resnet18.main in-process; returns (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = resnet18.main(argv)
+        try:
+            code = resnet18.main(argv)
+        except SystemExit as exit_:  # argparse's error(): one line, exit 2
+            code = exit_.code
     return code, out.getvalue(), err.getvalue()
+
+
+def subprocess_env(standin_weights) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(TORCH_HOME=str(standin_weights["torch_home"]), MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    return env
 
 
 def results_folder(stdout: str) -> Path:
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("results: "), last
     return Path(last.removeprefix("results: "))
+
+
+def stopped_folder(stdout: str) -> Path:
+    """A stopped run's last line names its folder; the line before says how to continue."""
+    *_, advice, last = stdout.strip().splitlines()
+    assert last.startswith("stopped: "), last
+    run_dir = Path(last.removeprefix("stopped: "))
+    assert advice.endswith(f"continue with: python resnet18.py --resume {run_dir}"), advice
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +152,10 @@ def reference_run(emnist, standin_weights, tmp_path_factory) -> dict:
         )
     assert code == 0, stderr
     return {"dir": results_folder(stdout), "stdout": stdout}
+
+
+def data_args(emnist, output: Path, *extra: str) -> list[str]:
+    return [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(output), *extra]
 
 
 def read_metrics(run_dir: Path, regime: str) -> dict:
@@ -206,7 +232,7 @@ def test_stratified_sample_is_proportional_exact_and_seeded():
 
 def test_train_val_split_is_disjoint_complete_and_stratified():
     labels = torch.arange(10).repeat_interleave(20)
-    train_index, val_index = resnet18.split_train_val(labels, 0.1, seed=3)
+    train_index, val_index = resnet18.stratified_split(labels, 0.1, seed=3)
     assert len(val_index) == 20 and len(train_index) == 180
     assert sorted(torch.cat([train_index, val_index]).tolist()) == list(range(200))
     assert torch.bincount(labels[val_index]).tolist() == [2] * 10
@@ -215,12 +241,12 @@ def test_train_val_split_is_disjoint_complete_and_stratified():
 def test_preprocess_normalises_and_resizes_on_the_device():
     images = torch.zeros(3, 28, 28, dtype=torch.uint8)
     images[1] = 255
-    x = resnet18.preprocess(images, 28)
+    x = resnet18.normalise_and_resize(images, 28)
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32
     mean, std = resnet18.GREY_MEAN, resnet18.GREY_STD
     torch.testing.assert_close(x[0], torch.full_like(x[0], -mean / std))
     torch.testing.assert_close(x[1], torch.full_like(x[1], (1 - mean) / std))
-    resized = resnet18.preprocess(images, 48)
+    resized = resnet18.normalise_and_resize(images, 48)
     assert resized.shape == (3, 1, 48, 48)
     torch.testing.assert_close(resized[1], torch.full_like(resized[1], (1 - mean) / std))
 
@@ -231,8 +257,8 @@ def test_preprocess_normalises_and_resizes_on_the_device():
 
 
 def test_trainable_parameter_counts_per_regime():
-    probe = resnet18.build_model("linear_probe", weights="none")
-    partial = resnet18.build_model("partial_unfreeze", weights="none")
+    probe = resnet18.build_model("linear_probe", None)
+    partial = resnet18.build_model("partial_unfreeze", None)
     assert resnet18.count_trainable(probe) == 31_806  # 512 * 62 + 62
     assert resnet18.count_trainable(partial) == 8_425_534  # layer4 8,393,728 + fc
     layer4 = sum(p.numel() for p in partial.layer4.parameters())
@@ -256,27 +282,45 @@ def test_grey_stem_equals_repeating_the_grey_channel():
     torch.testing.assert_close(grey_model(x), rgb_model(x.repeat(1, 3, 1, 1)))
 
 
+def imagenet_model(regime: str) -> torch.nn.Module:
+    return resnet18.build_model(regime, resnet18.load_backbone_weights("imagenet", False))
+
+
 def test_build_model_loads_the_cached_imagenet_file(standin_weights):
-    model = resnet18.build_model("partial_unfreeze", weights="imagenet")
+    model = imagenet_model("partial_unfreeze")
     expected = folded_standin(standin_weights["state"])
     for name, tensor in model.state_dict().items():
         if not name.startswith("fc."):
             assert torch.equal(tensor, expected[name]), name
 
 
-def test_cached_features_give_the_same_logits_as_the_uncached_path(emnist):
+@pytest.mark.parametrize("regime", resnet18.REGIMES)
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16"])
+def test_cached_frozen_stages_give_the_same_logits_as_the_uncached_path(emnist, regime, amp):
     torch.manual_seed(0)
-    model = resnet18.build_model("linear_probe", weights="imagenet").eval()
-    images = emnist["test"][0][:40]
-    for amp in (False, True):
-        precision = resnet18.select_precision(torch.device("cpu"), amp)
-        features = resnet18.extract_features(model, images, 32, precision, batch_size=16)
-        assert features.shape == (40, 512) and features.dtype == torch.float32
+    model = imagenet_model(regime).eval()
+    images, labels = emnist["test"][0][:40], emnist["test"][1][:40]
+    precision = resnet18.select_precision(torch.device("cpu"), amp)
+    stages = resnet18.FROZEN_STAGES[regime]
+    cached = resnet18.frozen_outputs(model, images, stages, 32, precision)
+    expected_shape = (40, 512) if regime == "linear_probe" else (40, 256, 2, 2)
+    assert tuple(cached.shape) == expected_shape
+    assert cached.dtype == (torch.bfloat16 if amp else torch.float32)
+    results = {}
+    for name, inputs in (
+        ("cached", resnet18.RegimeInputs({"test": (cached, labels)}, stages, 32)),
+        ("uncached", resnet18.RegimeInputs({"test": (images, labels)}, 0, 32)),
+    ):
+        module = resnet18.StagesFrom(model, inputs.first)
+        results[name] = resnet18.evaluate_split(module, inputs, "test", precision, keep_scores=True)
         with torch.no_grad(), precision.autocast():
-            cached = model.fc(features)
-            uncached = model(resnet18.preprocess(images, 32))
-        assert cached.dtype == uncached.dtype
-        torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+            direct = (
+                model(resnet18.normalise_and_resize(images, 32)) if name == "uncached" else None
+            )
+        if direct is not None:  # the stages from 0 are torchvision's own forward
+            torch.testing.assert_close(results[name]["scores"], direct.float())
+    torch.testing.assert_close(results["cached"]["scores"], results["uncached"]["scores"])
+    assert results["cached"]["loss"] == pytest.approx(results["uncached"]["loss"], rel=1e-6)
 
 
 def test_amp_is_bf16_autocast_on_cpu_and_trains():
@@ -287,11 +331,12 @@ def test_amp_is_bf16_autocast_on_cpu_and_trains():
         True,
         False,
     )
+    assert precision.autocast_dtype == "bfloat16"
     assert not resnet18.select_precision(cpu, False).enabled
     torch.manual_seed(0)
-    model = resnet18.build_model("partial_unfreeze", weights="none")
+    model = resnet18.build_model("partial_unfreeze", None)
     resnet18.set_regime_mode(model, "partial_unfreeze", training=True)
-    x = resnet18.preprocess(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), 32)
+    x = resnet18.normalise_and_resize(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), 32)
     with precision.autocast():
         logits = model(x)
     assert logits.dtype == torch.bfloat16
@@ -304,7 +349,7 @@ def test_amp_is_bf16_autocast_on_cpu_and_trains():
 
 
 def test_regime_modes_keep_frozen_parts_in_eval():
-    model = resnet18.build_model("partial_unfreeze", weights="none")
+    model = resnet18.build_model("partial_unfreeze", None)
     resnet18.set_regime_mode(model, "partial_unfreeze", training=True)
     assert model.layer4.training and model.fc.training
     assert not model.layer3.training and not model.bn1.training
@@ -339,6 +384,38 @@ def test_warmup_then_cosine_schedule_values():
     assert used == pytest.approx([0.1 * f for f in factors[:6]])
 
 
+def test_test_metrics_are_scikit_learns():
+    import warnings
+
+    from sklearn import metrics as skm
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 62, (500,), generator=generator)
+    labels[labels == 7] = 8  # a class the test set lacks (a --limit-test subset may)
+    scores = torch.randn(500, 62, generator=generator)
+    scores[torch.arange(300), labels[:300]] += 3  # 60% or so right
+    got = resnet18.score_test_set(labels, scores)
+    truth, predicted, classes = labels.numpy(), scores.argmax(dim=1).numpy(), list(range(62))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about the absent class
+        expected = {
+            "test_accuracy": skm.accuracy_score(truth, predicted),
+            "top5_accuracy": skm.top_k_accuracy_score(truth, scores.numpy(), k=5, labels=classes),
+            "balanced_accuracy": skm.balanced_accuracy_score(truth, predicted),
+            "macro_f1": skm.f1_score(truth, predicted, average="macro", zero_division=0),
+            "weighted_f1": skm.f1_score(truth, predicted, average="weighted", zero_division=0),
+        }
+        per_class = skm.precision_recall_fscore_support(
+            truth, predicted, labels=classes, zero_division=0
+        )
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    for index, name in enumerate(("precision", "recall", "f1", "support")):
+        assert [row[name] for row in got["per_class"]] == pytest.approx(per_class[index].tolist())
+    confusion = skm.confusion_matrix(truth, predicted, labels=classes).tolist()
+    assert got["confusion_matrix"] == confusion
+
+
 def test_early_stopping_rule():
     early = resnet18.new_regime_state()["early_stopping"]
     history = [0.50, 0.60, 0.6004, 0.59, 0.61, 0.605, 0.60]
@@ -351,6 +428,153 @@ def test_early_stopping_rule():
     assert outcomes == [True, True, False, False]
     assert early["stopped_early"] and early["best_epoch"] == 2
     assert early["best_val_accuracy"] == 0.60
+
+
+# --------------------------------------------------------------------------------------------
+# Precision, devices and processes (the GPU paths, checked through what the CPU can show)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "scaler"),
+    [((7, 0), torch.float16, True), ((7, 5), torch.float16, True), ((8, 0), torch.bfloat16, False)],
+)
+def test_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, dtype, scaler):
+    # is_bf16_supported() says True on a V100 (emulation): the capability decides, not it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    precision = resnet18.select_precision(torch.device("cuda", 0), True)
+    assert (precision.dtype, precision.enabled, precision.use_scaler) == (dtype, True, scaler)
+    assert not resnet18.select_precision(torch.device("cuda", 0), False).use_scaler
+
+
+def test_device_auto_refuses_allocated_gpus_that_torch_cannot_use(monkeypatch, tmp_path):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 535.104.05'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert resnet18.select_device("auto") == torch.device("cpu")  # outside SLURM: the CPU
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(resnet18.UserError) as caught:
+        resnet18.select_device("auto")
+    message = str(caught.value)
+    assert "CUDA 13.0" in message and "NVIDIA H100 80GB HBM3, 535.104.05" in message
+    assert "--device cpu" in message and "\n" not in message
+    assert resnet18.select_device("cpu") == torch.device("cpu")  # asked for: allowed
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(resnet18.UserError, match="nvidia-smi does not run"):
+        resnet18.select_device("cuda")
+
+
+def test_two_processes_on_one_gpu_are_refused_before_nccl(monkeypatch):
+    """What `sbatch --ntasks=2` on a one-GPU node gives: both processes see the same GPU."""
+    uuid = type("Properties", (), {"uuid": "GPU-1234", "name": "fake"})()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: uuid)
+    monkeypatch.setattr(resnet18.dist, "init_process_group", lambda *args, **kwargs: None)
+
+    def gather(output, mine):
+        output[:] = [mine, mine]  # the other process reports the same host and GPU
+
+    monkeypatch.setattr(resnet18.dist, "all_gather_object", gather)
+    world = resnet18.World(0, 2, 0, "srun")
+    with pytest.raises(resnet18.UserError, match="2 processes share 1 GPU") as caught:
+        resnet18.init_distributed(world, torch.device("cuda"), 60)
+    assert "--ntasks-per-node=N --gpus-per-node=N run_resnet.sbatch" in str(caught.value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(resnet18.UserError, match="needs a GPU of its own"):
+        resnet18.init_distributed(resnet18.World(3, 4, 3, "torchrun"), torch.device("cuda"), 60)
+
+
+def test_checkpoints_keep_no_cuda_state_and_best_keeps_no_optimizer(reference_run):
+    for regime in resnet18.REGIMES:
+        last = load_checkpoint(reference_run["dir"] / regime / "last.pt")
+        best = load_checkpoint(reference_run["dir"] / regime / "best.pt")
+        assert set(last["rng"]) == {"python", "torch"}
+        assert last["autocast_dtype"] == "bfloat16" and last["scaler"] == {}
+        assert set(best) == {"model", "regime", "epoch", "val_accuracy", "img_size", "classes"}
+        assert (
+            best["regime"] == regime
+            and best["epoch"] == read_metrics(reference_run["dir"], regime)["best_epoch"]
+        )
+    config = json.loads((reference_run["dir"] / "config.json").read_text())
+    assert config["autocast_dtype"] == "bfloat16" and config["script"] == "resnet18.py"
+    assert "explicit" not in config["args"]
+
+
+class Precisions:
+    """select_precision as a GPU of another kind would answer: fp16 + GradScaler, or bf16."""
+
+    FP16 = resnet18.Precision("cpu", torch.float16, True, True)
+    BF16 = resnet18.Precision("cpu", torch.bfloat16, True, False)
+
+
+@pytest.mark.parametrize(("first", "then"), [("BF16", "FP16"), ("FP16", "BF16")])
+def test_resume_on_another_kind_of_gpu_switches_precision(
+    emnist, tmp_path, monkeypatch, first, then
+):
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe", "--epochs", "1")
+    monkeypatch.setattr(
+        resnet18, "select_precision", lambda device, amp: getattr(Precisions, first)
+    )
+    arm_signal_at_training_step(monkeypatch, 3)
+    code, stdout, _ = run_main(argv)
+    assert code == resnet18.RESUMABLE_EXIT_CODE
+    run_dir = stopped_folder(stdout)
+    saved = load_checkpoint(run_dir / "linear_probe" / "last.pt")
+    assert saved["autocast_dtype"] == getattr(Precisions, first).autocast_dtype
+    assert bool(saved["scaler"]) == (first == "FP16")  # bf16 writes an empty scaler state
+    monkeypatch.setattr(resnet18, "select_precision", lambda device, amp: getattr(Precisions, then))
+    monkeypatch.setattr(resnet18, "classification_loss", ORIGINAL_LOSS)
+    code, stdout, stderr = run_main([*argv, "--resume", str(run_dir)])
+    assert code == 0, stderr
+    assert f"so far; now {getattr(Precisions, then).describe()}" in stdout
+    metrics = read_metrics(run_dir, "linear_probe")
+    assert metrics["autocast_dtype"] == getattr(Precisions, then).autocast_dtype
+
+
+def test_scaler_state_is_loaded_only_into_a_scaler_that_has_one():
+    enabled = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):  # what resume_job must never do
+        enabled.load_state_dict({})
+    assert torch.amp.GradScaler("cpu", enabled=False).state_dict() == {}
+
+
+# --------------------------------------------------------------------------------------------
+# --cache-frozen
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_frozen_on_and_off_train_to_the_same_model(emnist, tmp_path):
+    runs = {}
+    for mode in ("on", "off"):
+        argv = data_args(emnist, tmp_path / mode, "--regime", "partial_unfreeze", "--no-amp")
+        argv += ["--limit-train", "200", "--limit-test", "62"]
+        code, stdout, stderr = run_main([*argv, "--epochs", "1", "--cache-frozen", mode])
+        assert code == 0, stderr
+        assert ("stem + layer1 + layer2 + layer3 cached" in stdout) == (mode == "on")
+        runs[mode] = results_folder(stdout)
+    on, off = (read_metrics(runs[mode], "partial_unfreeze") for mode in ("on", "off"))
+    assert on["cached_frozen_stages"] == 4 and off["cached_frozen_stages"] == 0
+    for key in ("test_accuracy", "macro_f1", "best_epoch"):
+        assert on[key] == off[key], key
+    assert on["test_loss"] == pytest.approx(off["test_loss"], rel=1e-4)
+    weights = [load_checkpoint(runs[m] / "partial_unfreeze" / "best.pt")["model"] for m in runs]
+    torch.testing.assert_close(
+        weights[0]["fc.weight"], weights[1]["fc.weight"], rtol=1e-3, atol=1e-5
+    )
+
+
+def test_cache_frozen_auto_turns_off_when_memory_is_short(emnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(resnet18, "free_memory_bytes", lambda device: 1000)
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe", "--epochs", "1")
+    code, stdout, stderr = run_main(argv)
+    assert code == 0, stderr
+    assert "not cached (0.00 GiB does not fit in half the 0.0 GiB free)" in stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +591,7 @@ REGIME_FILES = (
     "best.pt",
     "last.pt",
 )
-RUN_FILES = ("config.json", "comparison.md", "comparison.json", "comparison.png")
+RUN_FILES = ("config.json", "comparison.md", "comparison.json", "comparison.png", "metrics.json")
 
 
 def test_both_run_writes_every_output(reference_run, emnist):
@@ -379,11 +603,13 @@ def test_both_run_writes_every_output(reference_run, emnist):
     assert config["args"]["regime"] == "both" and config["args"]["img_size"] == 32
     assert {"torch", "torchvision", "host", "git_commit", "device"} <= set(config["environment"])
     comparison = json.loads((run_dir / "comparison.json").read_text())
-    markdown = (run_dir / "comparison.md").read_text()
+    finished = json.loads((run_dir / "metrics.json").read_text())
+    assert set(finished) == set(resnet18.REGIMES)
     for regime in resnet18.REGIMES:
         for name in REGIME_FILES:
             assert (run_dir / regime / name).stat().st_size > 0, (regime, name)
         metrics = read_metrics(run_dir, regime)
+        assert finished[regime] == metrics
         assert set(resnet18.METRIC_KEYS) <= set(metrics)
         assert metrics["test_images"] == len(emnist["test"][1])
         assert 0 <= metrics["balanced_accuracy"] <= 1 and 0 <= metrics["test_accuracy"] <= 1
@@ -395,14 +621,42 @@ def test_both_run_writes_every_output(reference_run, emnist):
         assert [row["character"] for row in per_class] == list(resnet18.EMNIST_BYCLASS_CHARS)
         assert sum(int(row["support"]) for row in per_class) == metrics["test_images"]
         assert comparison[regime] == {key: metrics[key] for key in resnet18.METRIC_KEYS}
-        assert f"| {regime} " in markdown or f" {regime} |" in markdown
     assert read_metrics(run_dir, "linear_probe")["trainable_params"] == 31_806
     assert read_metrics(run_dir, "partial_unfreeze")["trainable_params"] == 8_425_534
-    for key in resnet18.METRIC_KEYS:
-        assert f"| {key} |" in markdown
     stdout = reference_run["stdout"]
     assert "environment: " in stdout and "31,806 trainable" in stdout
     assert "8,425,534 trainable" in stdout
+
+
+def test_comparison_table_has_units_and_the_difference(reference_run):
+    run_dir = reference_run["dir"]
+    probe, partial = (read_metrics(run_dir, regime) for regime in resnet18.REGIMES)
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in (run_dir / "comparison.md").read_text().splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    assert rows["metric"] == ["unit", "linear_probe", "partial_unfreeze", "difference"]
+    for key in resnet18.METRIC_KEYS:
+        assert key in rows, key
+    accuracy = rows["test_accuracy"]
+    assert accuracy[0] == "%" and accuracy[1] == f"{100 * probe['test_accuracy']:.2f}"
+    difference = 100 * (partial["test_accuracy"] - probe["test_accuracy"])
+    assert accuracy[3] == f"{difference:+.2f}"
+    assert rows["trainable_params"] == ["parameters", "31,806", "8,425,534", "+8,393,728"]
+    assert rows["train_time_s"][0] == "s" and rows["stopped_early"][3] == ""
+    # The console shows the same numbers in the same units.
+    assert f"linear_probe: test accuracy {accuracy[1]}%" in reference_run["stdout"]
+
+
+def test_csv_numbers_carry_no_float_noise(reference_run):
+    for regime in resnet18.REGIMES:
+        for name in ("history.csv", "per_class.csv", "most_confused.csv"):
+            for row in read_csv_rows(reference_run["dir"] / regime / name):
+                for value in row.values():
+                    if re.fullmatch(r"-?\d+\.\d+(e-?\d+)?", value):
+                        mantissa = value.split("e")[0].replace("-", "").replace(".", "")
+                        assert len(mantissa.strip("0")) <= 12, (name, value)
 
 
 def test_test_metrics_match_the_predictions(reference_run):
@@ -449,26 +703,14 @@ def test_history_records_the_warmup_learning_rates(reference_run):
     schedule = resnet18.WarmupCosine(2 * steps, steps)  # 1 warmup epoch of 2
     assert float(history[0]["lr"]) == pytest.approx(5e-4 * schedule(steps - 1))  # = 5e-4
     assert float(history[1]["lr"]) == pytest.approx(5e-4 * schedule(2 * steps - 1))
+    lr_by_step = load_checkpoint(reference_run["dir"] / "partial_unfreeze" / "last.pt")["state"]
+    assert lr_by_step["lr_by_step"] == pytest.approx([5e-4 * schedule(s) for s in range(2 * steps)])
 
 
 def test_early_stopping_triggers_and_restores_the_best_epoch(emnist, tmp_path):
-    argv = [
-        *BASE_ARGS,
-        "--data-dir",
-        str(emnist["dir"]),
-        "--output-dir",
-        str(tmp_path),
-        "--regime",
-        "linear_probe",
-        "--epochs",
-        "6",
-        "--patience",
-        "1",
-        "--min-delta",
-        "1.0",  # no epoch can beat the first by a whole 100 points
-        "--lr",
-        "0.05",
-    ]
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe", "--epochs", "6")
+    # No epoch can beat the first by a whole 100 points.
+    argv += ["--patience", "1", "--min-delta", "1.0", "--lr", "0.05"]
     code, stdout, stderr = run_main(argv)
     assert code == 0, stderr
     run_dir = results_folder(stdout)
@@ -481,28 +723,29 @@ def test_early_stopping_triggers_and_restores_the_best_epoch(emnist, tmp_path):
 
     # Re-score the test set with each checkpoint through the uncached path.
     args = resnet18.get_args_parser().parse_args(argv)
-    data = resnet18.prepare_data(args, torch.device("cpu"))
+    data = resnet18.prepare_data(args)
     precision = resnet18.select_precision(torch.device("cpu"), True)
     losses = {}
     for name, checkpoint in (("best", best), ("last", last)):
-        model = resnet18.build_model("linear_probe", weights="imagenet")
+        model = resnet18.build_model("linear_probe", None)
         model.load_state_dict(checkpoint["model"])
-        inputs = resnet18.RegimeInputs(model, data, False, 32, False)
-        losses[name] = resnet18.evaluate(inputs, "test", precision)["loss"]
+        inputs = resnet18.RegimeInputs(data, 0, 32)
+        module = resnet18.StagesFrom(model, 0)
+        losses[name] = resnet18.evaluate_split(module, inputs, "test", precision)["loss"]
     assert metrics["test_loss"] == pytest.approx(losses["best"], rel=1e-5)
     assert abs(losses["best"] - losses["last"]) > 1e-4
 
 
-def arm_signal_at_training_step(monkeypatch, step: int, signal_number=signal.SIGTERM):
-    """Send this process `signal_number` during training step `step` (1-based, this call)."""
+def arm_signal_at_training_step(monkeypatch, step: int, signal_number=signal.SIGTERM, times=1):
+    """Send this process `signal_number` (`times` times) during training step `step`."""
     calls = {"count": 0}
-    original = ORIGINAL_LOSS
 
     def loss_then_signal(logits, labels):
         calls["count"] += 1
         if calls["count"] == step:
-            os.kill(os.getpid(), signal_number)
-        return original(logits, labels)
+            for _ in range(times):
+                os.kill(os.getpid(), signal_number)
+        return ORIGINAL_LOSS(logits, labels)
 
     monkeypatch.setattr(resnet18, "classification_loss", loss_then_signal)
 
@@ -510,29 +753,30 @@ def arm_signal_at_training_step(monkeypatch, step: int, signal_number=signal.SIG
 def test_resume_after_interruptions_is_bit_identical(reference_run, emnist, tmp_path, monkeypatch):
     reference = reference_run["dir"]
     steps = math.ceil(read_metrics(reference, "linear_probe")["train_images"] / 32)
-    argv = [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(tmp_path)]
+    argv = data_args(emnist, tmp_path)
 
     # 1. SIGTERM in linear_probe's first epoch, step 3.
     arm_signal_at_training_step(monkeypatch, 3)
     code, stdout, _ = run_main(argv)
     assert code == resnet18.RESUMABLE_EXIT_CODE
-    assert "stopped by SIGTERM during linear_probe" in stdout
-    run_dir = results_folder(stdout)
+    assert "stopped by SIGTERM during linear_probe (epoch 1, step 3)" in stdout
+    run_dir = stopped_folder(stdout)
     assert load_checkpoint(run_dir / "linear_probe" / "last.pt")["state"]["step_in_epoch"] == 3
 
     # 2. Resume; SIGUSR1 in partial_unfreeze's second epoch, step 2.
     arm_signal_at_training_step(monkeypatch, (2 * steps - 3) + steps + 2, signal.SIGUSR1)
     code, stdout, _ = run_main([*argv, "--resume", "auto"])
     assert code == resnet18.RESUMABLE_EXIT_CODE
-    assert results_folder(stdout) == run_dir
-    assert "stopped by SIGUSR1 during partial_unfreeze" in stdout
+    assert stopped_folder(stdout) == run_dir
+    assert "stopped by SIGUSR1 during partial_unfreeze (epoch 2, step 2)" in stdout
     state = load_checkpoint(run_dir / "partial_unfreeze" / "last.pt")["state"]
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
     probe_metrics = (run_dir / "linear_probe" / "metrics.json").read_bytes()
 
-    # 3. Resume to the end: the finished linear probe is not redone.
+    # 3. Resume to the end, with the command the stop message printed: the finished linear
+    # probe is not redone.
     monkeypatch.setattr(resnet18, "classification_loss", ORIGINAL_LOSS)
-    code, stdout, stderr = run_main([*argv, "--resume", "auto"])
+    code, stdout, stderr = run_main(["--resume", str(run_dir)])
     assert code == 0, stderr
     assert "linear_probe: already finished" in stdout
     assert (run_dir / "linear_probe" / "metrics.json").read_bytes() == probe_metrics
@@ -556,31 +800,78 @@ def test_resume_after_interruptions_is_bit_identical(reference_run, emnist, tmp_
     assert (run_dir / "comparison.md").is_file()
 
 
+def test_a_finished_run_is_never_reopened(reference_run):
+    before = (reference_run["dir"] / "metrics.json").read_bytes()
+    code, _, stderr = run_main([*BASE_ARGS, "--resume", str(reference_run["dir"])])
+    assert code == 2 and "is finished" in stderr and stderr.count("\n") == 1
+    assert (reference_run["dir"] / "metrics.json").read_bytes() == before
+
+
+def test_ctrl_c_checkpoints_and_exits_130_a_second_aborts(emnist, tmp_path, monkeypatch):
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe")
+    arm_signal_at_training_step(monkeypatch, 4, signal.SIGINT)
+    code, stdout, stderr = run_main(argv)
+    assert code == resnet18.INTERRUPTED_EXIT_CODE and "Traceback" not in stderr
+    assert "stopped by SIGINT during linear_probe" in stdout
+    run_dir = stopped_folder(stdout)
+    assert load_checkpoint(run_dir / "linear_probe" / "last.pt")["state"]["step_in_epoch"] == 4
+    arm_signal_at_training_step(monkeypatch, 2, signal.SIGINT, times=2)
+    code, stdout, stderr = run_main([*argv, "--resume", str(run_dir)])
+    assert code == resnet18.INTERRUPTED_EXIT_CODE
+    assert stderr.startswith("error: interrupted again") and stderr.count("\n") == 1
+
+
+def test_a_second_sigterm_keeps_exit_code_75(emnist, tmp_path, monkeypatch):
+    arm_signal_at_training_step(monkeypatch, 2, signal.SIGTERM, times=2)
+    code, stdout, _ = run_main(data_args(emnist, tmp_path, "--regime", "linear_probe"))
+    assert code == resnet18.RESUMABLE_EXIT_CODE
+    stopped_folder(stdout)
+
+
+def test_missing_best_checkpoint_is_rebuilt_on_resume(emnist, tmp_path, monkeypatch):
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe", "--min-delta", "1.0")
+    steps = math.ceil(round(0.9 * 62 * TRAIN_PER_CLASS) / 32)
+    arm_signal_at_training_step(monkeypatch, steps + 2)  # epoch 2 (epoch 1 is the best)
+    code, stdout, _ = run_main(argv)
+    run_dir = stopped_folder(stdout)
+    best = load_checkpoint(run_dir / "linear_probe" / "best.pt")["model"]
+    (run_dir / "linear_probe" / "best.pt").unlink()
+    monkeypatch.setattr(resnet18, "classification_loss", ORIGINAL_LOSS)
+    code, stdout, stderr = run_main([*argv, "--resume", str(run_dir)])
+    assert code == 0, stderr
+    assert "best.pt was missing: rebuilt" in stdout
+    rebuilt = load_checkpoint(run_dir / "linear_probe" / "best.pt")
+    assert rebuilt["epoch"] == 1 and torch.equal(rebuilt["model"]["fc.weight"], best["fc.weight"])
+
+
+def test_history_is_rewritten_from_the_checkpoint_before_metrics(emnist, tmp_path):
+    """A kill between last.pt and history.csv (simulated: the file cut back a row, metrics
+    not yet written): the resumed run's history.csv holds every epoch of metrics.json."""
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe")
+    code, stdout, stderr = run_main(argv)
+    run_dir = results_folder(stdout)
+    for name in ("metrics.json", "linear_probe/metrics.json"):
+        (run_dir / name).unlink()
+    history = run_dir / "linear_probe" / "history.csv"
+    history.write_text("".join(history.read_text().splitlines(keepends=True)[:2]))
+    (run_dir / "linear_probe" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    code, stdout, stderr = run_main([*argv, "--resume", "auto"])
+    assert code == 0, stderr
+    assert results_folder(stdout) == run_dir and "(1 temporary files removed)" in stdout
+    rows = read_csv_rows(history)
+    assert len(rows) == read_metrics(run_dir, "linear_probe")["epochs_run"] == 2
+    assert not list(run_dir.rglob("*.tmp"))
+
+
 def test_real_sigterm_checkpoints_and_exits_resumable(emnist, tmp_path, standin_weights):
-    env = {
-        **os.environ,
-        "TORCH_HOME": str(standin_weights["torch_home"]),
-        "MPLBACKEND": "Agg",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("SLURM_JOB_ID", None)
-    command = [
-        sys.executable,
-        str(REPO / "resnet18.py"),
-        *BASE_ARGS,
-        "--data-dir",
-        str(emnist["dir"]),
-        "--output-dir",
-        str(tmp_path),
-        "--regime",
-        "partial_unfreeze",
-        "--epochs",
-        "200",
-        "--patience",
-        "200",
-    ]
+    command = [sys.executable, str(REPO / "resnet18.py"), *data_args(emnist, tmp_path)]
+    command += ["--regime", "partial_unfreeze", "--epochs", "200", "--patience", "200"]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(standin_weights),
     )
     try:
         lines = []
@@ -597,58 +888,95 @@ def test_real_sigterm_checkpoints_and_exits_resumable(emnist, tmp_path, standin_
     stdout = "".join(lines) + remaining
     assert process.returncode == resnet18.RESUMABLE_EXIT_CODE, stderr
     assert "stopped by SIGTERM" in stdout
-    run_dir = results_folder(stdout)
+    run_dir = stopped_folder(stdout)
     checkpoint = load_checkpoint(run_dir / "partial_unfreeze" / "last.pt")
     assert 1 <= checkpoint["state"]["epoch"] < 200
     assert not (run_dir / "partial_unfreeze" / "metrics.json").exists()
     assert not list(run_dir.rglob("*.tmp"))
 
 
-def test_signal_during_the_data_load_exits_resumable(emnist, tmp_path, monkeypatch):
+def signal_mask(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def test_a_signal_during_startup_is_held_then_stops_after_the_first_step(
+    emnist, tmp_path, standin_weights
+):
+    """SIGTERM while torch still imports: held until StopSignal takes it, then handled as
+    always (one step, a checkpoint, exit 75), not a death by signal (143)."""
+    command = [sys.executable, str(REPO / "resnet18.py"), *data_args(emnist, tmp_path)]
+    process = subprocess.Popen(
+        [*command, "--regime", "linear_probe"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(standin_weights),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not signal_mask(process.pid) & (1 << (signal.SIGTERM - 1)):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == resnet18.RESUMABLE_EXIT_CODE, stderr
+    assert "stopped by SIGTERM during linear_probe (epoch 1, step 1)" in stdout
+    run_dir = stopped_folder(stdout)
+    assert load_checkpoint(run_dir / "linear_probe" / "last.pt")["state"]["step_in_epoch"] == 1
+
+
+def test_signal_during_the_data_load_stops_after_the_first_step(emnist, tmp_path, monkeypatch):
     original = resnet18.prepare_data
 
-    def prepare_then_signal(args, device):
+    def prepare_then_signal(args):
         os.kill(os.getpid(), signal.SIGUSR1)
-        return original(args, device)
+        return original(args)
 
     monkeypatch.setattr(resnet18, "prepare_data", prepare_then_signal)
-    argv = [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(tmp_path)]
-    code, stdout, _ = run_main(argv)
-    assert code == resnet18.RESUMABLE_EXIT_CODE and "stopped by SIGUSR1" in stdout
-    run_dir = results_folder(stdout)
-    assert (run_dir / "config.json").is_file() and not (run_dir / "linear_probe").exists()
+    code, stdout, _ = run_main(data_args(emnist, tmp_path))
+    assert code == resnet18.RESUMABLE_EXIT_CODE
+    assert "stopped by SIGUSR1 during linear_probe (epoch 1, step 1)" in stdout
+    assert resnet18.run_state(stopped_folder(stdout)) == "resumable"
 
 
 def test_nan_loss_exits_3_and_keeps_the_last_good_checkpoint(emnist, tmp_path, monkeypatch):
     steps = math.ceil(round(0.9 * 62 * TRAIN_PER_CLASS) / 32)
     calls = {"count": 0}
-    original = ORIGINAL_LOSS
 
     def loss_turning_nan(logits, labels):
         calls["count"] += 1
-        loss = original(logits, labels)
+        loss = ORIGINAL_LOSS(logits, labels)
         return loss * float("nan") if calls["count"] > steps + 1 else loss
 
     monkeypatch.setattr(resnet18, "classification_loss", loss_turning_nan)
-    argv = [
-        *BASE_ARGS,
-        "--data-dir",
-        str(emnist["dir"]),
-        "--output-dir",
-        str(tmp_path),
-        "--regime",
-        "linear_probe",
-    ]
-    code, stdout, stderr = run_main(argv)
+    code, stdout, stderr = run_main(data_args(emnist, tmp_path, "--regime", "linear_probe"))
     assert code == resnet18.DIVERGED_EXIT_CODE
     assert "NaN/inf" in stderr and "Traceback" not in stderr
     run_dir = next(tmp_path.glob("resnet_*"))
+    assert f"the last good checkpoint is {run_dir / 'linear_probe' / 'last.pt'}." in stderr
     checkpoint = load_checkpoint(run_dir / "linear_probe" / "last.pt")
     assert checkpoint["state"]["epoch"] == 1
     assert all(
         torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point()
     )
     assert not (run_dir / "linear_probe" / "metrics.json").exists()
+
+
+def test_a_learning_rate_that_explodes_the_loss_exits_3(emnist, tmp_path):
+    argv = data_args(emnist, tmp_path, "--regime", "linear_probe", "--lr", "1e6")
+    code, stdout, stderr = run_main(argv)
+    assert code == resnet18.DIVERGED_EXIT_CODE and stderr.count("\n") == 1
+    assert "diverged" in stderr and "no checkpoint was written" in stderr
+    assert "last good checkpoint" not in stderr
+    # The folder it leaves has no checkpoint: --resume auto starts a new run instead.
+    assert resnet18.find_resume_run("auto", tmp_path) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,8 +998,17 @@ def test_missing_data_offline_names_the_files_and_how_to_fetch(tmp_path, monkeyp
     argv = [a for a in BASE_ARGS if a != "--no-download"]
     code, _, stderr = run_main([*argv, "--data-dir", str(tmp_path / "empty2")])
     assert code == 2 and "downloading them failed" in stderr and "URLError" in stderr
-    assert "EMNIST/raw" in stderr
+    assert "EMNIST/raw" in stderr and stderr.count("\n") == 1
     assert not list(tmp_path.glob("resnet_*"))
+
+
+def test_gzip_only_data_is_named_as_such(emnist, tmp_path):
+    raw = tmp_path / "EMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in emnist["raw"].iterdir():
+        (raw / f"{path.name}.gz").write_bytes(b"compressed")
+    code, _, stderr = run_main([*BASE_ARGS, "--data-dir", str(tmp_path)])
+    assert code == 2 and "only gzip-compressed copies" in stderr and "gunzip -k" in stderr
 
 
 @pytest.mark.parametrize("damage", ["truncated_images", "label_out_of_range"])
@@ -694,7 +1031,7 @@ def test_corrupt_data_is_a_clear_error(emnist, tmp_path, damage):
 
 def test_missing_weights_offline_says_where_to_put_them(emnist, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    argv = [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(tmp_path / "out")]
+    argv = data_args(emnist, tmp_path / "out")
     code, _, stderr = run_main(argv)
     expected_path = str(
         tmp_path / "empty_torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -706,17 +1043,27 @@ def test_missing_weights_offline_says_where_to_put_them(emnist, tmp_path, monkey
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     code, _, stderr = run_main([a for a in argv if a != "--no-download"])
-    assert code == 2 and "downloading the ImageNet weights failed" in stderr
-    assert expected_path in stderr
+    assert code == 2 and "URLError" in stderr and expected_path in stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_weights_file_is_a_clear_error(emnist, tmp_path):
+@pytest.mark.parametrize("weights", ["garbage", "resnet50"])
+def test_bad_weights_file_is_one_line_and_leaves_no_run_folder(emnist, tmp_path, weights):
+    from torchvision.models import resnet50
+
     bad = tmp_path / "weights.pt"
-    bad.write_bytes(b"not a checkpoint")
-    argv = [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(tmp_path)]
-    code, _, stderr = run_main([*argv, "--weights", str(bad), "--regime", "linear_probe"])
-    assert code == 2 and "corrupt" in stderr and "Traceback" not in stderr
+    if weights == "garbage":
+        bad.write_bytes(b"not a checkpoint")
+    else:
+        torch.save(resnet50().state_dict(), bad)
+    argv = data_args(emnist, tmp_path / "out", "--weights", str(bad), "--regime", "linear_probe")
+    code, _, stderr = run_main(argv)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
+    if weights == "garbage":
+        assert "corrupt" in stderr
+    else:  # one line with the counts, not the 24 lines of load_state_dict's report
+        assert "is not a ResNet-18 state dict" in stderr and "of ResNet-18's 120" in stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -727,9 +1074,12 @@ def test_corrupt_weights_file_is_a_clear_error(emnist, tmp_path):
         (["--batch-size", "-3"], "--batch-size"),
         (["--lr", "-1"], "--lr"),
         (["--lr", "nan"], "--lr"),
+        (["--weight-decay", "inf"], "--weight-decay"),
         (["--val-fraction", "1.5"], "--val-fraction"),
         (["--patience", "0"], "--patience"),
         (["--limit-train", "0"], "--limit-train"),
+        (["--seed", str(2**64)], "--seed"),
+        (["--seed", "-1"], "--seed"),
         (["--warmup-epochs", "3"], "--warmup-epochs"),
         (["--weights", "/no/such/weights.pt"], "--weights"),
         (["--limit-train", "4"], "--val-fraction"),
@@ -737,34 +1087,111 @@ def test_corrupt_weights_file_is_a_clear_error(emnist, tmp_path):
     ],
 )
 def test_bad_arguments_are_clear_errors(emnist, tmp_path, extra, message):
-    argv = [*BASE_ARGS, "--data-dir", str(emnist["dir"]), "--output-dir", str(tmp_path)]
-    code, _, stderr = run_main([*argv, *extra])
+    code, _, stderr = run_main(data_args(emnist, tmp_path, *extra))
     assert code == 2 and stderr.startswith("error: ") and message in stderr
-    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and not list(tmp_path.glob("resnet_*"))
+
+
+def test_help_shows_each_default_once_and_right():
+    raw = resnet18.get_args_parser().format_help()
+    options = [" ".join(chunk.split()) for chunk in re.split(r"\n(?=  -)", raw)[1:]]
+    text = " ".join(options)
+    assert len(options) == 25 and "(default: None)" not in text
+    for option in options:
+        assert option.lower().count("default") <= 1, option
+    assert "Default: $DATA_DIR, else ./data" in text and "(default: ./data)" not in text
+    for regime, defaults in resnet18.REGIME_DEFAULTS.items():
+        assert f"{defaults['epochs']} {regime}" in text
+    assert "(default: 512)" in text and "(default: 96)" in text
 
 
 def test_resume_contradicting_the_run_is_refused(reference_run):
     code, _, stderr = run_main([*BASE_ARGS, "--resume", str(reference_run["dir"]), "--lr", "0.3"])
-    assert code == 2 and "contradicts" in stderr
+    assert code == 2 and ("contradicts" in stderr or "is finished" in stderr)
+
+
+def test_an_explicit_option_equal_to_its_default_is_a_contradiction(emnist, tmp_path, monkeypatch):
+    arm_signal_at_training_step(monkeypatch, 2)
+    code, stdout, _ = run_main(data_args(emnist, tmp_path, "--regime", "linear_probe"))
+    run_dir = stopped_folder(stdout)
+    code, _, stderr = run_main(["--resume", str(run_dir), "--batch-size", "512"])
+    assert code == 2 and "--batch-size 512 contradicts the run being resumed" in stderr
+    assert "made with --batch-size 32" in stderr
+
+
+def test_resume_of_a_cnn_run_folder_is_refused(tmp_path):
+    folder = tmp_path / "cnn_20250101-000000"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"script": "cnn_from_scratch.py", "args": {}}))
+    (folder / "checkpoint_last.pt").write_bytes(b"x")
+    code, _, stderr = run_main([*BASE_ARGS, "--resume", str(folder)])
+    assert code == 2 and "not made by resnet18.py" in stderr
+    assert not list(folder.glob("linear_probe*"))
+
+
+def test_a_checkpoint_that_does_not_fit_is_named(emnist, tmp_path, monkeypatch):
+    arm_signal_at_training_step(monkeypatch, 2)
+    code, stdout, _ = run_main(data_args(emnist, tmp_path, "--regime", "linear_probe"))
+    run_dir = stopped_folder(stdout)
+    last = run_dir / "linear_probe" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    del checkpoint["optimizer"]
+    torch.save(checkpoint, last)
+    code, _, stderr = run_main(["--resume", str(run_dir)])
+    assert code == 2 and stderr.count("\n") == 1
+    assert f"{last} does not fit this run (it has no 'optimizer')" in stderr
+
+
+def test_a_failed_write_is_one_line_and_exit_1(emnist, tmp_path, standin_weights):
+    """A file-size limit (as a full disk would) while writing the first checkpoint."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
+
+    command = [sys.executable, str(REPO / "resnet18.py"), *data_args(emnist, tmp_path)]
+    result = subprocess.run(
+        [*command, "--regime", "partial_unfreeze", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(standin_weights),
+        preexec_fn=limit_file_size,
+        timeout=300,
+    )
+    assert result.returncode == resnet18.FAILURE_EXIT_CODE, result.stderr
+    assert result.stderr.startswith("error: cannot write ") and result.stderr.count("\n") == 1
+    assert ".pt: File too large; nothing to resume yet" in result.stderr
 
 
 def test_resume_auto_only_picks_this_slurm_jobs_runs(tmp_path, monkeypatch):
-    ours = tmp_path / "resnet_20250101-000000_12"
-    clash = tmp_path / "resnet_20250101-000000_12-2"
-    other = tmp_path / "resnet_20250101-000001_123"
-    for folder in (ours, clash, other):
-        folder.mkdir()
-        (folder / "config.json").write_text("{}")
-    os.utime(ours / "config.json", (1, 1))
-    os.utime(clash / "config.json", (2, 2))
+    folders = {}
+    for name in ("20250101-000000_12", "20250101-000000_12-2", "20250101-000001_123"):
+        folder = folders[name] = tmp_path / f"resnet_{name}"
+        (folder / "linear_probe").mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"script": "resnet18.py", "args": {}}))
+        (folder / "linear_probe" / "last.pt").write_bytes(b"x")
     monkeypatch.setenv("SLURM_JOB_ID", "12")
-    found = resnet18.find_resume_checkpoint("auto", tmp_path, "resnet", "config.json")
-    assert found == clash / "config.json"  # not job 123's newer folder
+    assert resnet18.find_resume_run("auto", tmp_path) == folders["20250101-000000_12-2"]
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    assert resnet18.find_resume_checkpoint("auto", tmp_path, "resnet", "config.json") is None
+    assert resnet18.find_resume_run("auto", tmp_path) is None
     monkeypatch.delenv("SLURM_JOB_ID")
-    found = resnet18.find_resume_checkpoint("auto", tmp_path, "resnet", "config.json")
-    assert found == other / "config.json"
+    assert resnet18.find_resume_run("auto", tmp_path) == folders["20250101-000001_123"]
+
+
+def test_summarize_seeds(emnist, tmp_path):
+    runs = []
+    for seed in ("1", "2"):
+        argv = data_args(emnist, tmp_path, "--regime", "linear_probe", "--epochs", "1")
+        code, stdout, stderr = run_main([*argv, "--seed", seed])
+        assert code == 0, stderr
+        runs.append(str(results_folder(stdout)))
+    code, stdout, stderr = run_main(["--summarize", *runs, "--output-dir", str(tmp_path)])
+    assert code == 0, stderr
+    folder = Path(stdout.strip().splitlines()[-1].removeprefix("summary: "))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2]
+    assert summary["metrics"]["linear_probe.test_accuracy"]["n"] == 2
+    assert (folder / "summary.png").stat().st_size > 0
 
 
 def test_importing_runs_nothing():

@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,6 +109,12 @@ def results_folder(stdout: str) -> Path:
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("results: "), stdout[-2000:]
     return Path(last.removeprefix("results: "))
+
+
+def stopped_folder(stdout: str) -> Path:
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("stopped: "), stdout[-2000:]
+    return Path(last.removeprefix("stopped: "))
 
 
 def free_port() -> int:
@@ -232,10 +239,10 @@ MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({}, resnet18.Launch()),
+        ({}, resnet18.World()),
         (  # a batch script before any srun: SLURM variables alone are not a launch
             {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"},
-            resnet18.Launch(),
+            resnet18.World(),
         ),
         (
             {
@@ -245,7 +252,7 @@ MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
                 "SLURM_STEP_ID": "0",
                 **MASTER,
             },
-            resnet18.Launch("srun", 3, 4, 1),
+            resnet18.World(3, 4, 1, "srun"),
         ),
         (
             {
@@ -255,7 +262,7 @@ MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
                 "TORCHELASTIC_RUN_ID": "x",
                 **MASTER,
             },
-            resnet18.Launch("torchrun", 1, 2, 1),
+            resnet18.World(1, 2, 1, "torchrun"),
         ),
         (  # torchrun inside an srun task: torchrun's variables win over the task's
             {
@@ -268,13 +275,13 @@ MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
                 "SLURM_LOCALID": "0",
                 **MASTER,
             },
-            resnet18.Launch("torchrun", 5, 8, 1),
+            resnet18.World(5, 8, 1, "torchrun"),
         ),
-        ({"RANK": "0", "WORLD_SIZE": "1"}, resnet18.Launch("env", 0, 1, 0)),
+        ({"RANK": "0", "WORLD_SIZE": "1"}, resnet18.World(0, 1, 0, "env")),
     ],
 )
-def test_detect_launch(env, expected):
-    assert resnet18.detect_launch(env) == expected
+def test_launch_from_environment(env, expected):
+    assert resnet18.launch_from_environment(env) == expected
 
 
 @pytest.mark.parametrize(
@@ -285,23 +292,20 @@ def test_detect_launch(env, expected):
         ({"RANK": "2", "WORLD_SIZE": "2", **MASTER}, "rank 2"),
     ],
 )
-def test_detect_launch_refuses_inconsistent_variables(env, message):
+def test_launch_from_environment_refuses_inconsistent_variables(env, message):
     with pytest.raises(resnet18.UserError, match=message):
-        resnet18.detect_launch(env)
+        resnet18.launch_from_environment(env)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_shares_cover_every_row_exactly_once(world_size):
-    ranks = [
-        resnet18.Distributed(resnet18.Launch("env", rank, world_size, rank))
-        for rank in range(world_size)
-    ]
+    ranks = [resnet18.World(rank, world_size, rank, "env") for rank in range(world_size)]
     for total in range(12):
-        rows = [row for r in ranks for row in range(*r.share(total))]
+        rows = [row for r in ranks for row in range(*resnet18.shard(r, total))]
         assert rows == list(range(total)), (world_size, total)  # contiguous, in rank order
     for size in range(1, 12):
         index = torch.randperm(size)
-        parts = [r.batch_share(index) for r in ranks]
+        parts = [index[r.rank :: r.size] for r in ranks]  # training_step's share of a batch
         assert sorted(torch.cat(parts).tolist()) == sorted(index.tolist())
         assert max(map(len, parts)) - min(map(len, parts)) <= 1 and len(parts[0]) >= 1
 
@@ -399,9 +403,9 @@ def test_signal_to_one_rank_stops_all_then_resume_matches(paired_runs, workspace
     outcomes = finish(processes)
     stdout = "".join(lines) + outcomes[0][1]
     assert [code for code, _, _ in outcomes] == [75, 75], outcomes
-    assert "stopped by a signal to another process during partial_unfreeze" in stdout
+    assert "stopped by a signal to another process of this job during partial_unfreeze" in stdout
     assert outcomes[1][1] == ""  # rank 1 prints nothing
-    folder = results_folder(stdout)
+    folder = stopped_folder(stdout)
     assert (folder / "partial_unfreeze" / "last.pt").is_file()
     assert not (folder / "partial_unfreeze" / "metrics.json").exists()
     stopped = torch.load(folder / "partial_unfreeze" / "last.pt", weights_only=False)["state"]
@@ -423,9 +427,12 @@ def test_signal_to_one_rank_stops_all_then_resume_matches(paired_runs, workspace
     ]
 
 
-def test_resume_with_another_number_of_processes_is_refused(paired_runs, workspace):
+def test_resume_with_another_number_of_processes_is_refused(paired_runs, workspace, tmp_path):
+    unfinished = tmp_path / paired_runs["ddp"].name
+    shutil.copytree(paired_runs["ddp"], unfinished)
+    (unfinished / "metrics.json").unlink()
     result = subprocess.run(
-        [sys.executable, str(REPO / "resnet18.py"), "--resume", str(paired_runs["ddp"])],
+        [sys.executable, str(REPO / "resnet18.py"), "--resume", str(unfinished)],
         env=workspace["env"],
         capture_output=True,
         text=True,
@@ -448,18 +455,22 @@ def test_a_rank_that_dies_takes_the_job_down_with_a_clear_error(workspace):
     code, _, stderr = finish(processes[:1], timeout=100)[0]
     waited = time.monotonic() - killed_at
     print(f"\nrank 0 stopped {waited:.1f} s after rank 1 was killed")
-    assert code == resnet18.DIST_FAILURE_EXIT_CODE, stderr[-3000:]
-    assert "error: rank 0 of 2" in stderr and "a collective operation failed" in stderr
+    assert code == resnet18.FAILURE_EXIT_CODE, stderr[-3000:]
+    assert stderr.startswith("error: rank 0 of 2") and stderr.count("\n") == 1, stderr
     assert "Another process of this job has died or hung" in stderr
+    assert "--resume <the run folder this log names> continues it" in stderr
     assert waited < 60  # not the --dist-timeout of 120 s, let alone a job's time limit
     processes[1].wait()
 
 
-def test_an_error_on_rank_0_stops_every_rank(workspace, tmp_path):
+def test_bad_input_stops_every_rank_with_the_same_line(workspace, tmp_path):
+    """Every process checks the command line, the run to resume, the weights and the data
+    itself, before the process group exists: each says what is wrong and exits 2."""
     missing = tmp_path / "no_such_run"
     processes = srun_style(workspace, script_args(workspace, tmp_path, "--resume", str(missing)))
-    (code0, _, err0), (code1, _, err1) = finish(processes, timeout=120)
-    assert (code0, code1) == (2, 2), err0 + err1
-    assert f"error: --resume {missing}: no checkpoint file there" in err0
-    assert "rank 1 of 2" in err1 and "stopping: rank 0 reported an error" in err1
-    assert "Traceback" not in err0 + err1
+    outcomes = finish(processes, timeout=120)
+    for code, _, stderr in outcomes:
+        assert (
+            code == 2
+            and stderr == f"error: --resume {missing}: no run folder there (no config.json)\n"
+        )
