@@ -1,33 +1,29 @@
 """A convolutional network written from scratch, trained on MNIST.
 
 Every layer -- Conv2D, MaxPool2D, ReLU, Flatten, Linear and the fused softmax cross-entropy --
-has a hand-written forward and backward pass on PyTorch tensor primitives (matmul, as_strided,
-max, scatter, exp, log). No autograd and no torch.nn layer is used for training: the loop runs
-under torch.no_grad() and every gradient below is computed by the code in this file.
+has a hand-written forward and backward pass on PyTorch tensor primitives (matmul, unfold,
+max, scatter, exp, log). No autograd and no torch.nn layer trains it: the loop runs under
+torch.no_grad() and every gradient is computed by the code in this file, twice: plainly by the
+reference layers (im2col and one matmul, argmax and scatter), and by the fast layers the
+default run uses, which compute the same numbers in fewer, larger operations
+(docs/cnn_layers.md derives both).
 
     Conv(1->8, 3x3, pad 1) -> ReLU -> MaxPool(2) -> Conv(8->16, 3x3, pad 1) -> ReLU -> MaxPool(2)
     -> Flatten -> Linear(784 -> 10)
 
-The 3x3 kernels with padding 1 keep the spatial size (28 -> 28 -> 14 -> 14 -> 7), so the flat
-feature vector is 16 * 7 * 7 = 784, as the architecture requires; 5x5 with padding 2 would too,
-at 25/9 = 2.8x the multiply-adds.
+Run (the defaults are the reported run: 5 epochs, batch 640, SGD with Nesterov momentum 0.9,
+lr 0.1 after 1 epoch of linear warmup, then cosine decay to 0, weight decay 5e-4):
 
-Run (defaults are the reported run: 5 epochs, batch 640, SGD with Nesterov momentum 0.9,
-lr 0.1 with 1 epoch of linear warmup then cosine decay to 0, weight decay 5e-4):
+    python cnn_from_scratch.py --data-dir ./data          # downloads MNIST there when missing
+    python cnn_from_scratch.py --layers reference         # the same training on the plain layers
+    python cnn_from_scratch.py --check-gradients          # every backward vs finite differences
+    python cnn_from_scratch.py --resume results/cnn_...   # continue a stopped run
+    sbatch run_cnn.sbatch                                 # on a SLURM cluster
 
-    python cnn_from_scratch.py --data-dir ./data      # downloads MNIST there when missing
-    python cnn_from_scratch.py --resume auto          # continue the newest interrupted run
-    sbatch run_cnn.sbatch                             # the same on a SLURM cluster
-
-Measured on a 2-core AMD EPYC VM, CPU only (no GPU run yet), torch 2.14.1, with the default
-command and seeds 0, 1, 2: test accuracy 98.71%, 98.72%, 98.54% (median 98.71%), 5 epochs in
-9.6-10.0 s of training (about 28,000 images/s). `python bench/cnn_vs_autograd.py` measures
-0.97-1.54x (median 1.34x over sixteen runs) the throughput of the same network in torch.nn +
-autograd on that CPU, and 1.08-1.11x when glibc keeps freed memory (README, "Speed").
-
-Exit codes: 0 done; 2 bad input (message says what to fix); 3 the loss diverged (NaN/inf; the
-last good checkpoint is kept); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
-rerun with `--resume auto` to continue exactly where it stopped.
+Exit codes: 0 done; 1 a file could not be written, or --check-gradients found a gradient
+off; 2 bad input (the `error:` line says what to fix); 3 the loss diverged (NaN/inf);
+75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint, 130 by Ctrl-C: the last lines print
+the command that continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -35,29 +31,36 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-import torch
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+if __name__ == "__main__":
+    # Hold stop signals while torch imports (seconds): StopSignal takes them when it starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
-RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written; `--resume auto` continues
-DIVERGED_EXIT_CODE = 3
-USAGE_EXIT_CODE = 2
+import torch  # noqa: E402
+
 RUN_PREFIX = "cnn"
 CHECKPOINT_NAME = "checkpoint_last.pt"
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-# Hyperparameters that define a run: on resume they come from the checkpoint, and an explicit
-# command-line value that contradicts the checkpoint is an error rather than a silent change.
+PROGRESS_FILES = (CHECKPOINT_NAME,)
+HISTORY_FILES = ("history.csv",)
+# What defines a run: a resume takes these from its config.json, and an explicit different
+# value on the command line is refused.
 RUN_DEFINING_ARGS = (
     "epochs",
     "batch_size",
@@ -67,7 +70,9 @@ RUN_DEFINING_ARGS = (
     "warmup_epochs",
     "seed",
     "val_size",
+    "layers",
 )
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,118 +81,122 @@ RUN_DEFINING_ARGS = (
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train a from-scratch CNN (hand-written forward/backward) on MNIST.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--data-dir",
         default=os.environ.get("DATA_DIR", "./data"),
-        help="folder holding MNIST/raw/ (torchvision layout); downloaded there when missing "
+        help="folder holding MNIST/raw/ (torchvision's layout), downloaded there when missing "
         "and online. Default: $DATA_DIR, else ./data",
     )
-    parser.add_argument(
+    add(
         "--output-dir",
         default=os.environ.get("RESULTS_DIR", "./results"),
-        help="where the timestamped results folder is made. Default: $RESULTS_DIR, else ./results",
+        help="where run folders are made. Default: $RESULTS_DIR, else ./results",
     )
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs")
-    parser.add_argument("--batch-size", type=int, default=640, help="training batch size")
-    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    parser.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=1.0,
-        help="linear warmup length (epochs), then cosine decay to 0",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and shuffling")
-    parser.add_argument(
+    add("--epochs", type=positive_int, default=5, help="training epochs")
+    add("--batch-size", type=positive_int, default=640, help="training batch size")
+    add("--lr", type=positive_float, default=0.1, help="peak learning rate")
+    momentum = number_type(float, lambda value: 0 < value < 1, "a number between 0 and 1")
+    add("--momentum", type=momentum, default=0.9, help="SGD Nesterov momentum")
+    add("--weight-decay", type=non_negative_float, default=5e-4, help="L2 weight decay")
+    warmup = "epochs of linear warmup, then cosine decay to 0"
+    add("--warmup-epochs", type=non_negative_float, default=1.0, help=warmup)
+    add("--seed", type=seed_int, default=0, help="seed for init, split and shuffling")
+    add(
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda", "mps"],
-        help="auto picks cuda, then mps, then cpu",
+        help="auto: cuda/mps/cpu",
     )
-    parser.add_argument(
-        "--val-size", type=int, default=5000, help="images held out from train for validation"
-    )
-    parser.add_argument(
+    count = number_type(int, lambda value: value >= 0, "a whole number >= 0")
+    add("--val-size", type=count, default=5000, help="training images held out for validation")
+    add("--layers", default="fast", choices=LAYER_KINDS, help="fast, or the plain reference ones")
+    add(
         "--resume",
-        default=None,
-        help="a checkpoint to continue from, or 'auto': the newest checkpoint of this SLURM job "
-        "(or, outside SLURM, of --output-dir); 'auto' with none found starts a new run",
+        help="a run folder to continue, or 'auto': the newest unfinished run of this SLURM job "
+        "(outside SLURM: of --output-dir), else a new run",
     )
+    add(
+        "--check-gradients",
+        action="store_true",
+        help="only compare every hand-written backward with finite differences and autograd",
+    )
+    add("--summarize", nargs="+", metavar="RUN_DIR", help="only summarise finished runs' metrics")
     return parser
 
 
-class UserError(Exception):
-    """A mistake the user can fix: printed as one 'error:' message, exit code 2."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
 def select_device(name: str) -> torch.device:
-    """Resolve --device; 'auto' prefers cuda, then mps, then cpu."""
-    mps_available = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    """--device as a torch.device: auto is cuda, else mps, else cpu; but in a SLURM job given
+    GPUs that torch cannot use (a torch build whose CUDA the driver does not support, say),
+    an error that names what torch and nvidia-smi see, never a silent fall back to the CPU."""
+    cuda = torch.cuda.is_available()
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    allocated = [
+        value.strip()
+        for key, value in os.environ.items()
+        if key in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+        or key.startswith("SLURM_GPUS")
+    ]
+    given_gpus = "SLURM_JOB_ID" in os.environ and any(
+        v not in ("", "NoDevFiles") for v in allocated
+    )
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    if name == "mps" and not mps_available:
+        name = "cuda" if cuda or given_gpus else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        try:
+            smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as error:
+            found = f"nvidia-smi does not run ({first_line(error)}): is an NVIDIA driver there?"
+        else:
+            lines = [line.strip() for line in (smi.stdout or smi.stderr).splitlines()]
+            found = f"nvidia-smi reports {'; '.join(filter(None, lines)) or 'nothing'}"
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only"
+        raise UserError(
+            f"this job was given GPUs (or --device cuda), but torch {torch.__version__}, built "
+            f"for {built}, cannot use them; {found}. Install a torch whose CUDA build this "
+            "driver supports (nvidia-smi's header shows the highest CUDA it runs), or pass "
+            "--device cpu to train on the CPU"
+        )
+    if name == "mps" and not mps:
         raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
     return torch.device(name)
 
 
-def git_commit() -> str | None:
+def environment_summary(device: torch.device) -> dict:
+    """What ran where: versions, host, device and SLURM job, for the log and config.json."""
     try:
-        result = subprocess.run(
+        commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=10,
-        )
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def environment_summary(device: torch.device) -> dict:
-    """What ran where: versions, host, device and SLURM job, for the log and config.json."""
+        commit = ""
     summary = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "host": socket.gethostname(),
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
+        "git_commit": commit or None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
     }
     if device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
-        summary["cuda"] = torch.version.cuda
     return summary
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-def _last_line(error: BaseException) -> str:
-    """The most specific line of a (possibly multi-line) exception message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -197,6 +206,12 @@ MNIST_FILES = (
 )
 
 
+def missing_mnist_files(raw: Path) -> list[str]:
+    """The MNIST files not in raw (a missing folder: all); PermissionError if unreadable."""
+    present = set(os.listdir(raw)) if raw.is_dir() else set()
+    return [name for name in MNIST_FILES if name not in present]
+
+
 def load_mnist(
     data_dir: str | Path, train: bool = True, download: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,45 +219,54 @@ def load_mnist(
     from torchvision.datasets import MNIST
 
     raw = Path(data_dir) / "MNIST" / "raw"
-    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
     how_to_fetch = (
-        f"On a machine with internet run `python cnn_from_scratch.py --data-dir {data_dir}` "
-        "(or `./setup_env.sh --prefetch`) and copy the folder here, or pass --data-dir to "
-        "a folder that holds MNIST/raw/."
+        f"on a machine with internet run `python cnn_from_scratch.py --data-dir {data_dir}` "
+        "(or `./setup_env.sh --prefetch`) and copy the folder here, or pass --data-dir to a "
+        "folder that holds MNIST/raw/"
     )
-    if missing and download:
-        try:
-            MNIST(root=str(data_dir), train=train, download=True)
-        except Exception as error:  # torchvision raises RuntimeError/URLError/OSError offline
-            raise UserError(
-                f"MNIST is not in {raw} (missing: {', '.join(missing)}) and downloading it "
-                f"failed ({_last_line(error)}). {how_to_fetch}"
-            ) from None
-        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
-    if missing:
-        raise UserError(f"MNIST files missing in {raw}: {', '.join(missing)}. {how_to_fetch}")
     try:
+        missing, failure = missing_mnist_files(raw), "not downloaded"
+        if missing and download:
+            try:
+                MNIST(root=str(data_dir), train=train, download=True)
+            except Exception as error:  # offline: RuntimeError/URLError/OSError
+                failure = f"downloading them failed ({first_line(error)})"
+            missing = missing_mnist_files(raw)
+        if missing and all((raw / f"{name}.gz").is_file() for name in missing):
+            raise UserError(
+                f"only .gz files found in {raw} for {', '.join(missing)}: decompress them "
+                "(gunzip -k) or let torchvision extract them (run online once, with write access)"
+            )
+        if missing:
+            raise UserError(
+                f"MNIST files missing in {raw}: {', '.join(missing)} ({failure}); {how_to_fetch}"
+            )
         dataset = MNIST(root=str(data_dir), train=train, download=False)
         images, labels = dataset.data, dataset.targets
+    except PermissionError as error:
+        raise UserError(
+            f"cannot read {error.filename or raw}: permission denied (unreadable, not missing "
+            "or corrupt): make it readable to this user, or pass another --data-dir"
+        ) from None
+    except UserError:
+        raise
     except Exception as error:  # a truncated or corrupt IDX file fails inside torchvision
         split = "train" if train else "t10k"
         raise UserError(
             f"could not read the MNIST {split} files in {raw} ({type(error).__name__}: "
-            f"{_last_line(error)}); they are corrupt or truncated. "
-            f"Delete them and fetch them again. {how_to_fetch}"
+            f"{first_line(error)}); they are corrupt or truncated: delete them and fetch them "
+            f"again; {how_to_fetch}"
         ) from None
     if (
         images.dtype != torch.uint8
-        or images.dim() != 3
         or tuple(images.shape[1:]) != (28, 28)
-        or len(labels) != len(images)
         or len(images) == 0
-        or int(labels.min()) < 0
-        or int(labels.max()) > 9
+        or len(labels) != len(images)
+        or not 0 <= int(labels.min()) <= int(labels.max()) <= 9
     ):
         raise UserError(
             f"the MNIST files in {raw} hold {tuple(images.shape)} images and {len(labels)} "
-            "labels, not N 28x28 images with labels 0-9; they are corrupt: fetch them again."
+            "labels, not N 28x28 images with labels 0-9; they are corrupt: fetch them again"
         )
     return images, labels.long()
 
@@ -261,6 +285,15 @@ def split_train_val(
     return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
 
 
+def load_data(args: argparse.Namespace, device: torch.device) -> dict[str, tuple]:
+    """train, val and test as uint8 images and labels on the device."""
+    train_images, train_labels = load_mnist(args.data_dir, train=True)
+    test = load_mnist(args.data_dir, train=False)
+    train, val = split_train_val(train_images, train_labels, args.val_size, args.seed)
+    data = {"train": train, "val": val, "test": test}
+    return {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
+
+
 def preprocess(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (N, 28, 28) on the device -> normalised (N, 1, 28, 28), on the same device."""
     scale = 1.0 / (255.0 * MNIST_STD)
@@ -268,18 +301,15 @@ def preprocess(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -
 
 
 # --------------------------------------------------------------------------------------------
-# Model: layers with hand-written forward and backward passes
+# Model: the reference layers (the textbook rules), then the fast layers the default run uses
 # --------------------------------------------------------------------------------------------
 #
-# Contract (as in cs231n's layers.py): forward(x) stores what backward needs in self.cache;
-# backward(grad_out) returns the gradient with respect to the forward input and, for trainable
-# layers, overwrites self.grads (same keys and layouts as self.params, which are torch's own:
-# conv weight (out, in, kh, kw), linear weight (out, in)).
-#
-# Image tensors have torch's (N, C, H, W) shape. Internally the convolution works channels-last
-# (N, H, W, C): im2col then lands the output channels in the matmul's last dimension, so its
-# result *is* the next activation, returned as an (N, C, H, W)-shaped view with channels-last
-# strides. ReLU and pooling keep those strides, so no layer pays for a layout copy.
+# Contract (as in cs231n's layers.py): forward(x) keeps what backward needs in self.cache;
+# backward(grad_out) returns the gradient of the forward input and, for a layer with
+# parameters, overwrites self.grads (the keys and layouts of self.params, which are torch's:
+# conv weight (C_out, C_in, kh, kw), linear weight (out, in)). Images are (N, C, H, W) in any
+# memory layout; convolutions return channels-last views (N, H, W, C in memory), the layout
+# their matmul produces. `factory` arguments: device, dtype and the generator of the weights.
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -289,500 +319,154 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 def _output_size(size: int, kernel: int, stride: int, padding: int, what: str) -> int:
     out = (size + 2 * padding - kernel) // stride + 1
     if out < 1:
-        raise ValueError(
-            f"{what}: input size {size} with padding {padding} is smaller than kernel {kernel}"
-        )
+        raise ValueError(f"{what}: input size {size} with padding {padding} < kernel {kernel}")
     return out
 
 
-# Convolution and pooling work a few MB of images at a time: a chunk's columns, or its input
-# across a pooling's kh * kw passes, stay in the cache (L3 here) between the operations that
-# write and read them, where the whole batch would stream from memory each time (measured).
-CACHE_BYTES = 4 << 20
+def _parameters(weight: torch.Tensor, factory: dict) -> dict[str, torch.Tensor]:
+    """The weight (drawn on the CPU: the same numbers on any device) and a zero bias."""
+    weight = weight.to(factory.get("device"))
+    return {"weight": weight, "bias": weight.new_zeros(len(weight))}
 
 
-def _image_chunks(num_images: int, bytes_per_image: int) -> list[slice]:
-    """Consecutive slices of the batch of about CACHE_BYTES each, at least one image each."""
-    step = max(1, CACHE_BYTES // max(1, bytes_per_image))
-    return [slice(start, min(start + step, num_images)) for start in range(0, num_images, step)]
+def im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """x (N, C, H, W) -> columns (N * H_out * W_out, C * kh * kw): row (n, y, x) holds the
+    padded input window that output position sees, in the weight's (C, kh, kw) order."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    padded = x.new_zeros((n, c, h + 2 * ph, w + 2 * pw))
+    padded[:, :, ph : ph + h, pw : pw + w] = x
+    windows = padded.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, H_out, W_out, kh, kw), a view
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+
+
+def col2im(grad_windows: torch.Tensor, input_shape, stride, padding) -> torch.Tensor:
+    """The adjoint of taking windows: grad_windows (N, C, H_out, W_out, kh, kw) -> (N, C, H, W),
+    each window element's gradient added back where forward read it (overlaps add up)."""
+    (n, c, h, w), (sh, sw), (ph, pw) = input_shape, stride, padding
+    _, _, h_out, w_out, kh, kw = grad_windows.shape
+    grad = grad_windows.new_zeros((n, c, h + 2 * ph, w + 2 * pw))
+    for i, j in itertools.product(range(kh), range(kw)):
+        rows, columns = (
+            slice(i, i + sh * (h_out - 1) + 1, sh),
+            slice(j, j + sw * (w_out - 1) + 1, sw),
+        )
+        grad[:, :, rows, columns] += grad_windows[..., i, j]
+    return grad[:, :, ph : ph + h, pw : pw + w]
 
 
 class Conv2D:
-    """2-D cross-correlation (torch's convolution) as matrix products.
+    """Reference 2-D convolution (torch's cross-correlation): im2col and one matmul.
 
-    forward:  x (N, C_in, H, W) -> (N, C_out, H_out, W_out),
-              H_out = (H + 2 * padding - kernel_h) // stride + 1 (likewise W_out).
-    backward: grad_out (N, C_out, H_out, W_out) -> grad_in (N, C_in, H, W); sets
-              grads["weight"] (C_out, C_in, kh, kw) and grads["bias"] (C_out,).
-              With needs_input_grad False (a first layer, whose input is data) grad_in is
-              not computed and None is returned: it is the costliest part of backward.
-
-    Two formulations, each following the input's memory (both measured on this CPU):
-    - Kernel rows, for channels-last input with vertical stride 1 (the second layer): a
-      matrix with one row per (image, padded input row y, output column x) holds the
-      kw * C_in values one kernel row sees there, a third of im2col's copy. Kernel row i then
-      adds rows[y + i] @ W_i to output row y; in the flattened matrix that shift is a fixed
-      row offset, so each kernel row is one matmul on a view. The output is computed on the
-      padded input's rows and the kh - 1 extra rows per image are dropped by a view.
-    - im2col otherwise: (positions, kh * kw * C_in) copied in runs of kw * C_in values for
-      channels-last input, or (C_in * kh * kw, positions) in runs along W (a one-channel
-      image, say), then one matmul.
-    Either way the matmul yields (positions, C_out), the channels-last output itself, and
-    the work goes a few MB of images at a time so each chunk's copies stay in the cache.
+    forward:  x (N, C_in, H, W) -> (N, C_out, H_out, W_out), H_out = (H + 2 ph - kh) // sh + 1
+              (likewise W_out): rows = columns @ W^T + b, columns = im2col(x) (P, K), with
+              P = N * H_out * W_out positions, K = C_in * kh * kw, W the weight as (C_out, K).
+    backward: grad_out (N, C_out, H_out, W_out), as grad_rows (P, C_out) -> grad_in = col2im(
+              grad_rows @ W) (N, C_in, H, W), or None with needs_input_grad False (a first
+              layer: its input is data); grads["weight"] = grad_rows^T @ columns (C_out, K),
+              grads["bias"] = grad_rows summed over the positions.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, **factory):
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        kh, kw = self.kernel_size
-        fan_in = in_channels * kh * kw
+        self.kernel_size, self.stride, self.padding = map(_pair, (kernel_size, stride, padding))
+        fan_in = in_channels * math.prod(self.kernel_size)
+        shape = (out_channels, in_channels, *self.kernel_size)
+        weight = torch.randn(shape, generator=factory.get("generator"), dtype=factory.get("dtype"))
         # He initialisation: keeps the activation variance constant through ReLU layers.
-        weight = torch.randn(out_channels, in_channels, kh, kw, generator=generator, dtype=dtype)
-        self.params = {
-            "weight": (weight * math.sqrt(2.0 / fan_in)).to(device),
-            "bias": torch.zeros(out_channels, dtype=dtype, device=device),
-        }
+        self.params = _parameters(weight * math.sqrt(2.0 / fan_in), factory)
         self.grads: dict[str, torch.Tensor] = {}
-        self.needs_input_grad = True
-        self.cache = None
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.needs_input_grad, self.cache = True, None
 
-    def _weight_matrix(self, channels_last: bool) -> torch.Tensor:
-        """(C_out, K), K ordered (kh, kw, C_in) for channels-last columns, else (C_in, kh, kw)."""
-        weight = self.params["weight"]
-        if channels_last:
-            weight = weight.permute(0, 2, 3, 1)
-        return weight.reshape(self.out_channels, -1)
-
-    def _workspace(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A buffer of exactly `shape` kept between calls (the zero-bordered padded input:
-        only its interior is ever written, so the border stays zero while it is reused)."""
-        buffer = self._buffers.get(name)
-        if (
-            buffer is None
-            or buffer.shape != shape
-            or buffer.dtype != like.dtype
-            or buffer.device != like.device
-        ):
-            buffer = self._buffers[name] = like.new_zeros(shape)
-        return buffer
-
-    def _scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A contiguous `shape` view of a buffer kept between calls, grown when too small; its
-        contents are always overwritten before use. Allocating MB-sized buffers anew every
-        step costs more in page faults than filling them (measured 6x on the 2-core CPU).
-        Only internal buffers live here, never a tensor this layer returns."""
-        size = math.prod(shape)
-        buffer = self._buffers.get(name)
-        if (
-            buffer is None
-            or buffer.numel() < size
-            or buffer.dtype != like.dtype
-            or buffer.device != like.device
-        ):
-            buffer = self._buffers[name] = like.new_empty(size)
-        return buffer[:size].view(shape)
-
-    def _columns(
-        self,
-        padded: torch.Tensor,
-        h_out: int,
-        w_out: int,
-        channels_last: bool,
-        window: tuple[int, int] | None = None,
-        stride: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """im2col of (some images of) the padded input: (positions, K) rows, in a reused
-        buffer. Channels-last input gives (positions, K) copied in runs of kw * C_in values;
-        otherwise (C_in * K, positions) is filled in runs along W and returned as a transposed
-        view, which BLAS reads as is. K is ordered as in _weight_matrix. window and stride
-        default to the layer's kernel and stride (conv_weight_grad_through_pool takes wider
-        windows at the pool's stride)."""
-        (kh, kw), (sh, sw) = window or self.kernel_size, stride or self.stride
-        count, c = len(padded), self.in_channels
-        if channels_last:
-            stride_n, stride_h, stride_w, stride_c = padded.stride()
-            windows = padded.as_strided(
-                (count, h_out, w_out, kh, kw, c),
-                (stride_n, stride_h * sh, stride_w * sw, stride_h, stride_w, stride_c),
-            )
-            rows = self._scratch("columns", (count * h_out * w_out, kh * kw * c), padded)
-            rows.view(windows.shape).copy_(windows)
-            return rows
-        stride_n, stride_c, stride_h, stride_w = padded.stride()
-        windows = padded.as_strided(
-            (c, kh, kw, count, h_out, w_out),
-            (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
+    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"Conv2D expects {self.in_channels} input channels, got {x.shape[1]}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (
+            _output_size(x.shape[2], kh, sh, ph, "Conv2D height"),
+            _output_size(x.shape[3], kw, sw, pw, "Conv2D width"),
         )
-        columns = self._scratch("columns", (c * kh * kw, count * h_out * w_out), padded)
-        columns.view(windows.shape).copy_(windows)
-        return columns.t()
-
-    def _kernel_row_weights(self) -> torch.Tensor:
-        """(kh, kw * C_in, C_out): kernel row i's weights, ordered like a row of _row_windows."""
-        kh, kw = self.kernel_size
-        weight = self.params["weight"].permute(2, 3, 1, 0)
-        return weight.reshape(kh, kw * self.in_channels, self.out_channels)
-
-    def _uses_kernel_rows(self, padded: torch.Tensor, channels_last: bool) -> bool:
-        """Kernel rows need channels-last input whose (W, C) values are contiguous (always
-        true of the padded buffer) and a vertical stride of 1, the row shift being exact."""
-        if not channels_last or self.stride[0] != 1:
-            return False
-        _, _, stride_w, stride_c = padded.stride()
-        return stride_c == 1 and stride_w == padded.shape[3]
-
-    def _row_windows(self, padded: torch.Tensor, w_out: int) -> torch.Tensor:
-        """For some images of the channels-last padded input (count, H_pad, W_pad, C_in):
-        (count * H_pad * W_out + (kh - 1) * W_out, kw * C_in) in a reused buffer, row
-        (image, y, x) holding the kw * C_in contiguous values that start at
-        padded[image, y, x * stride_w]. The (kh - 1) * W_out zero rows at the end keep every
-        row-shifted view inside the buffer; they only ever meet output rows that are dropped."""
-        (kh, kw), (_, sw) = self.kernel_size, self.stride
-        count, height, _, c = padded.shape
-        stride_n, stride_h, stride_w, _ = padded.stride()
-        windows = padded.as_strided(
-            (count, height, w_out, kw * c), (stride_n, stride_h, stride_w * sw, 1)
-        )
-        rows = count * height * w_out
-        buffer = self._scratch("row_windows", (rows + (kh - 1) * w_out, kw * c), padded)
-        buffer[:rows].view(windows.shape).copy_(windows)
-        buffer[rows:].zero_()
-        return buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        if c != self.in_channels:
-            raise ValueError(f"Conv2D expects {self.in_channels} input channels, got {c}")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        h_out = _output_size(h, kh, sh, ph, "Conv2D height")
-        w_out = _output_size(w, kw, sw, pw, "Conv2D width")
-        channels_last = c > 1 and x.stride(1) == 1
-        # Work in a padded buffer laid out like the input: NHWC if channels-last, else NCHW.
-        source = x.permute(0, 2, 3, 1) if channels_last else x
-        if ph or pw:
-            if channels_last:
-                padded = self._workspace("padded", (n, h + 2 * ph, w + 2 * pw, c), x)
-                padded[:, ph : ph + h, pw : pw + w] = source
-            else:
-                padded = self._workspace("padded", (n, c, h + 2 * ph, w + 2 * pw), x)
-                padded[:, :, ph : ph + h, pw : pw + w] = source
-        else:
-            padded = source
-        kernel_rows = self._uses_kernel_rows(padded, channels_last)
-        self.cache = (x.shape, padded, (h_out, w_out, channels_last, kernel_rows))
-        bias = self.params["bias"]
-        if kernel_rows:
-            weights, height = self._kernel_row_weights(), padded.shape[1]
-            per_image = height * w_out
-            out = x.new_empty((n * per_image, self.out_channels))
-            for images in _image_chunks(n, per_image * kw * c * x.element_size()):
-                windows = self._row_windows(padded[images], w_out)
-                rows = (images.stop - images.start) * per_image
-                out_rows = out[images.start * per_image : images.start * per_image + rows]
-                torch.mm(windows[:rows], weights[0], out=out_rows)
-                for i in range(1, kh):
-                    out_rows.addmm_(windows[i * w_out : i * w_out + rows], weights[i])
-                out_rows += bias  # while in the cache; cheaper than addmm's broadcast
-            out = out.view(n, height, w_out, self.out_channels)[:, :h_out]
-            return out.permute(0, 3, 1, 2)
-        # im2col: a few images at a time, each chunk's columns copied and multiplied while
-        # they are in the cache.
-        per_image = h_out * w_out
-        out = x.new_empty((n * per_image, self.out_channels))
-        weight = self._weight_matrix(channels_last)
-        for images in _image_chunks(n, per_image * c * kh * kw * x.element_size()):
-            rows = self._columns(padded[images], h_out, w_out, channels_last)
-            out_rows = out[images.start * per_image : images.stop * per_image]
-            if channels_last:
-                torch.mm(rows, weight.t(), out=out_rows)
-                out_rows += bias
-            else:
-                # rows is a view of a (K, positions) buffer: BLAS multiplies (C_out, K) @
-                # (K, positions) about twice as fast as the transposed product on such skinny
-                # shapes (measured), and the transposing store adds the bias on the way.
-                product = self._scratch("product", (self.out_channels, len(rows)), x)
-                torch.mm(weight, rows.t(), out=product)
-                torch.add(product.t(), bias, out=out_rows)
-        return out.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
+        h_out, w_out = self.output_size(x)
+        columns = im2col(x, self.kernel_size, self.stride, self.padding)
+        weight = self.params["weight"].reshape(self.out_channels, -1)
+        rows = columns @ weight.t() + self.params["bias"]
+        self.cache = (x.shape, columns)
+        return rows.view(len(x), h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        _, _, (_, _, _, kernel_rows) = self.cache
-        if kernel_rows:
-            return self._backward_kernel_rows(grad_out)
-        return self._backward_im2col(grad_out)
-
-    def _backward_kernel_rows(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (n, c, h, w), padded, (h_out, w_out, _, _) = self.cache
-        (kh, kw), (_, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        height, width = padded.shape[1:3]
-        per_image = height * w_out
-        # The output gradient on the same grid as the forward's output rows; the kh - 1
-        # extra rows per image stay zero, so whatever they meet adds nothing.
-        grad_grid = self._workspace("grad_grid", (n, height, w_out, self.out_channels), grad_out)
-        grad_grid[:, :h_out] = grad_out.permute(0, 2, 3, 1)
-        weights = self._kernel_row_weights()
-        grad_weights = grad_out.new_zeros(weights.shape)
-        grad_padded = grad_out.new_zeros((n, height, width, c)) if self.needs_input_grad else None
-        for images in _image_chunks(n, per_image * kw * c * grad_out.element_size()):
-            count = images.stop - images.start
-            rows = count * per_image
-            windows = self._row_windows(padded[images], w_out)
-            grad_rows = grad_grid[images].view(rows, self.out_channels)
-            for i in range(kh):
-                grad_weights[i].addmm_(windows[i * w_out : i * w_out + rows].t(), grad_rows)
-            if grad_padded is None:
-                continue
-            # The gradient of the row windows: each kernel row's product lands shifted by the
-            # same row offset as in forward; then each of the kw column offsets is added into
-            # the padded input gradient.
-            grad_windows = self._scratch("grad_row_windows", windows.shape, grad_out)
-            torch.mm(grad_rows, weights[0].t(), out=grad_windows[:rows])
-            grad_windows[rows:].zero_()
-            for i in range(1, kh):
-                grad_windows[i * w_out : i * w_out + rows].addmm_(grad_rows, weights[i].t())
-            grad_windows = grad_windows[:rows].view(count, height, w_out, kw, c)
-            target = grad_padded[images]
-            for j in range(kw):
-                target[:, :, j : j + sw * (w_out - 1) + 1 : sw] += grad_windows[:, :, :, j]
-        grad_weight = grad_weights.view(kh, kw, c, self.out_channels).permute(3, 2, 0, 1)
-        self.grads["weight"] = grad_weight.contiguous()
-        self.grads["bias"] = grad_grid.view(-1, self.out_channels).sum(0)
-        if grad_padded is None:
-            return None
-        return grad_padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)
-
-    def _backward_im2col(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (n, c, h, w), padded, (h_out, w_out, channels_last, _) = self.cache
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        per_image, taps = h_out * w_out, c * kh * kw
-        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(n * per_image, self.out_channels)
-        chunks = _image_chunks(n, per_image * taps * grad_out.element_size())
-        # The weight gradient, chunk by chunk from columns copied again (cheaper than keeping
-        # the whole column matrix between forward and backward, measured).
-        grad_weight_t = grad_out.new_zeros((taps, self.out_channels))
-        for images in chunks:
-            rows = self._columns(padded[images], h_out, w_out, channels_last)
-            grad_weight_t.addmm_(
-                rows.t(), grad_rows[images.start * per_image : images.stop * per_image]
-            )
-        grad_weight = grad_weight_t.t()
-        if channels_last:
-            grad_weight = grad_weight.reshape(self.out_channels, kh, kw, c).permute(0, 3, 1, 2)
-        self.grads["weight"] = grad_weight.reshape(self.params["weight"].shape).contiguous()
+        input_shape, columns = self.cache
+        n, _, h_out, w_out = grad_out.shape
+        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
+        weight = self.params["weight"]
+        self.grads["weight"] = (grad_rows.t() @ columns).view(weight.shape)
         self.grads["bias"] = grad_rows.sum(0)
         if not self.needs_input_grad:
             return None
-        # Gradient of the columns, laid out (C_in, kh, kw, images, H_out, W_out): each tap's
-        # slice is then a block whose rows run along W, like the (C, N, H, W) buffer it is
-        # added to; again a few images at a time, so that block is in the cache when added.
-        weight = self._weight_matrix(channels_last=False)
-        grad_padded = grad_out.new_zeros((c, n, h + 2 * ph, w + 2 * pw))
-        for images in chunks:
-            count = images.stop - images.start
-            grad_cols = self._scratch("grad_columns", (taps, count * per_image), grad_out)
-            rows = grad_rows[images.start * per_image : images.stop * per_image]
-            torch.mm(weight.t(), rows.t(), out=grad_cols)
-            grad_cols = grad_cols.view(c, kh, kw, count, h_out, w_out)
-            target = grad_padded[:, images]
-            for i in range(kh):
-                for j in range(kw):
-                    target[
-                        :, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw
-                    ] += grad_cols[:, i, j]
-        return grad_padded[:, :, ph : ph + h, pw : pw + w].permute(1, 0, 2, 3)
+        grad_columns = grad_rows @ weight.reshape(self.out_channels, -1)
+        grad_windows = grad_columns.view(n, h_out, w_out, *weight.shape[1:])
+        return col2im(
+            grad_windows.permute(0, 3, 1, 2, 4, 5), input_shape, self.stride, self.padding
+        )
 
 
 class MaxPool2D:
-    """Max pooling; the gradient goes to the first maximum of each window, as in torch.
+    """Reference max pooling: argmax, and scatter to it.
 
-    forward:  x (N, C, H, W) -> (N, C, H_out, W_out), H_out = (H - kernel_h) // stride + 1.
-    backward: grad_out (N, C, H_out, W_out) -> grad_in (N, C, H, W).
-    stride defaults to kernel_size.
-
-    Each kernel tap is a strided view of the input, so the forward pass is a running
-    elementwise maximum over kh * kw taps, with no copy and no index tensor; beside it, one 0/1
-    float mask per tap records where that tap took the window (strictly greater than every
-    earlier tap, so the first maximum keeps it, as in torch). Backward routes the gradient
-    with those masks, two elementwise operations per tap; float masks because float
-    arithmetic is the fast path on the CPU.
+    forward:  x (N, C, H, W) -> (N, C, H_out, W_out), H_out = (H - kh) // sh + 1 (likewise
+              W_out), the maximum of each window; stride defaults to kernel_size.
+    backward: grad_out (N, C, H_out, W_out) -> grad_in (N, C, H, W): each window's gradient goes
+              to the window's first maximum (torch's rule on ties), and col2im adds the
+              windows back onto the input grid.
     """
 
-    def __init__(
-        self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None
-    ):
+    def __init__(self, kernel_size, stride=None):
         self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride) if stride is not None else self.kernel_size
+        self.stride = self.kernel_size if stride is None else _pair(stride)
         self.cache = None
 
-    def _taps(self, x: torch.Tensor, h_out: int, w_out: int) -> list[torch.Tensor]:
-        """kh * kw views (N, C, H_out, W_out): tap (i, j) is x[..., i + s*oh, j + s*ow]."""
+    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return [
-            x[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
-            for i in range(kh)
-            for j in range(kw)
-        ]
+        return (
+            _output_size(x.shape[2], kh, sh, 0, "MaxPool2D height"),
+            _output_size(x.shape[3], kw, sw, 0, "MaxPool2D width"),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, h, w = x.shape
+        self.output_size(x)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        h_out = _output_size(h, kh, sh, 0, "MaxPool2D height")
-        w_out = _output_size(w, kw, sw, 0, "MaxPool2D width")
-        taps = self._taps(x, h_out, w_out)
-        out = taps[0].clone()
-        # A running maximum over the taps in window order. takes[t] marks where tap t + 1 is
-        # strictly greater than every earlier tap, so on ties the earlier tap keeps the window
-        # (the first maximum, as in torch); backward needs nothing else.
-        takes = []
-        for tap in taps[1:]:
-            takes.append(torch.gt(tap, out, out=torch.empty_like(out)))
-            torch.maximum(out, tap, out=out)
-        self.cache = (x, out, takes)
+        windows = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, H_out, W_out, kh, kw)
+        out, argmax = windows.reshape(*windows.shape[:4], kh * kw).max(dim=-1)  # the first one
+        self.cache = (x.shape, argmax)
         return out
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
-        x, out, takes = self.cache
-        _, _, h_out, w_out = out.shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        # When the windows tile the input exactly, every input element is written once below,
-        # so the buffer needs no zeroing; otherwise overlaps add up and gaps stay zero.
-        tiles_exactly = (kh, kw) == (sh, sw) and (h_out * kh, w_out * kw) == tuple(x.shape[2:])
-        grad_in = torch.empty_like(x) if tiles_exactly else torch.zeros_like(x)
-        if grad_out.stride() != out.stride():  # match the layout of `out`: faster loops below
-            grad_out = torch.empty_like(out).copy_(grad_out)
-        for rows in _image_chunks(len(x), x[0].numel() * x.element_size()):
-            self._route_gradient(
-                grad_out[rows],
-                [take[rows] for take in takes],
-                self._taps(grad_in[rows], h_out, w_out),
-                accumulate=not tiles_exactly,
-            )
-        return grad_in
-
-    def _route_gradient(
-        self,
-        grad_out: torch.Tensor,
-        takes: list[torch.Tensor],
-        grad_taps: list[torch.Tensor],
-        accumulate: bool,
-    ) -> None:
-        """Give each window's gradient to the tap that took the window last, i.e. its first
-        maximum: from the last tap back, each takes what no later tap took. grad_taps[t]
-        (shaped like grad_out) receives tap t's share: written over, or with accumulate
-        (overlapping windows) added to."""
-        remaining = grad_out
-        for take, grad_tap in zip(reversed(takes), reversed(grad_taps[1:])):
-            if accumulate:
-                taken = remaining * take
-                grad_tap += taken
-                remaining = remaining - taken
-            else:
-                torch.mul(remaining, take, out=grad_tap)
-                remaining = remaining - grad_tap
-        if accumulate:
-            grad_taps[0] += remaining
-        else:
-            grad_taps[0].copy_(remaining)
-
-
-def conv_weight_grad_through_pool(conv: Conv2D, pool: MaxPool2D, grad_pooled: torch.Tensor) -> None:
-    """Set conv.grads from the gradient of the max-pool its output feeds (directly, or through
-    a layer whose derivative grad_pooled already includes, such as a ReLU), without forming
-    the gradient of the convolution's full-size output. For a first layer, which needs no
-    input gradient; stride-1 convolutions only.
-
-    grad_pooled: (N, C_out, H_pool, W_pool), the gradient of pool's output.
-
-    Each pool window hands its gradient to one tap (dy, dx), the convolution output at
-    (py * s + dy, px * s + dx), which saw the padded input at (py * s + dy + i, px * s + dx + j).
-    So the weight gradient is one product of two matrices over window positions: the padded
-    input's (span_h * span_w * C_in) windows, span = pool kernel + conv kernel - 1, taken with
-    the pool's stride, and the (taps * C_out) gradient each window routes to each tap; the
-    (dy + i, dx + j) diagonals of that product sum to the (C_out, C_in, kh, kw) gradient.
-    For the first layer (1 -> 8 channels, 2x2 pool) the product is 16 x 32 over a quarter of
-    the positions where the plain one is 9 x 8 over all of them: BLAS runs it several times
-    faster, and the pool's full-size backward pass is not needed (measured).
-    """
-    if conv.stride != (1, 1):
-        raise ValueError("conv_weight_grad_through_pool needs a stride-1 convolution")
-    (n, c, _, _), padded, (_, _, channels_last, _) = conv.cache
-    _, out, takes = pool.cache
-    (kh, kw), (pool_h, pool_w), (sh, sw) = conv.kernel_size, pool.kernel_size, pool.stride
-    _, c_out, h_pool, w_pool = out.shape
-    span_h, span_w, taps = pool_h + kh - 1, pool_w + kw - 1, pool_h * pool_w
-    if grad_pooled.stride() != out.stride():  # the layout of the masks: faster loops
-        grad_pooled = torch.empty_like(out).copy_(grad_pooled)
-    per_image, width = h_pool * w_pool, span_h * span_w * c
-    products = grad_pooled.new_zeros((width, taps * c_out))
-    bytes_per_image = per_image * (width + taps * c_out) * grad_pooled.element_size()
-    for images in _image_chunks(n, bytes_per_image):
-        count = images.stop - images.start
-        routed = conv._scratch("routed", (count, h_pool, w_pool, taps, c_out), grad_pooled)
-        pool._route_gradient(
-            grad_pooled[images],
-            [take[images] for take in takes],
-            [routed[:, :, :, tap].permute(0, 3, 1, 2) for tap in range(taps)],
-            accumulate=False,
-        )
-        routed = routed.view(count * per_image, taps * c_out)
-        windows = conv._columns(
-            padded[images], h_pool, w_pool, channels_last, (span_h, span_w), (sh, sw)
-        )
-        products.addmm_(windows.t(), routed)
-    if channels_last:
-        products = products.view(span_h, span_w, c, pool_h, pool_w, c_out)
-    else:
-        products = products.view(c, span_h, span_w, pool_h, pool_w, c_out).permute(1, 2, 0, 3, 4, 5)
-    grad_weight = grad_pooled.new_zeros((kh, kw, c, c_out))
-    for dy in range(pool_h):
-        for dx in range(pool_w):
-            grad_weight += products[dy : dy + kh, dx : dx + kw, :, dy, dx]
-    conv.grads["weight"] = grad_weight.permute(3, 2, 0, 1).contiguous()
-    conv.grads["bias"] = grad_pooled.sum((0, 2, 3))
+        input_shape, argmax = self.cache
+        grad_windows = grad_out.new_zeros((*argmax.shape, math.prod(self.kernel_size)))
+        grad_windows.scatter_(-1, argmax.unsqueeze(-1), grad_out.unsqueeze(-1))
+        grad_windows = grad_windows.view(*argmax.shape, *self.kernel_size)
+        return col2im(grad_windows, input_shape, self.stride, (0, 0))
 
 
 class ReLU:
-    """max(x, 0) elementwise. forward: x (any shape) -> same; backward: grad_out -> grad_in.
-
-    inplace=True overwrites the input (as torch.nn.ReLU(inplace=True)): right after a
-    convolution, whose output nothing else keeps, that saves a full activation write.
-    """
+    """max(x, 0). forward: x (any shape) -> same; backward: grad_in = grad_out * [x > 0] (the
+    derivative at 0 taken as 0, as torch does). inplace=True overwrites x, as
+    nn.ReLU(inplace=True): right after a convolution, whose output nothing else keeps."""
 
     def __init__(self, inplace: bool = False):
-        self.inplace = inplace
-        self.cache = None
+        self.inplace, self.cache = inplace, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.clamp_(min=0) if self.inplace else x.clamp(min=0)
-        self.cache = out
-        return out
+        self.cache = x.clamp_(min=0) if self.inplace else x.clamp(min=0)
+        return self.cache
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
-        # The derivative at 0 is taken as 0, as torch does. A float 0/1 mask multiplies much
-        # faster than a bool one on the CPU.
-        mask = torch.gt(self.cache, 0, out=torch.empty_like(self.cache))
-        return mask.mul_(grad_out)
+        return grad_out * (self.cache > 0)
 
 
 class Flatten:
     """forward: x (N, C, H, W) -> (N, C * H * W) in torch's (C, H, W) order; backward: inverse."""
-
-    def __init__(self):
-        self.cache = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cache = x.shape
@@ -793,32 +477,21 @@ class Flatten:
 
 
 class Linear:
-    """y = x W^T + b.
+    """y = x W^T + b. forward: x (N, in) -> (N, out); backward: grad_out (N, out) -> grad_in
+    = grad_out @ W (N, in); grads["weight"] = grad_out^T @ x (out, in), grads["bias"] (out,)."""
 
-    forward:  x (N, in_features) -> (N, out_features).
-    backward: grad_out (N, out_features) -> grad_in (N, in_features); sets
-              grads["weight"] (out_features, in_features) and grads["bias"] (out_features,).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ):
+    def __init__(self, in_features: int, out_features: int, **factory):
         self.in_features, self.out_features = in_features, out_features
+        drawn = torch.rand(
+            out_features,
+            in_features,
+            generator=factory.get("generator"),
+            dtype=factory.get("dtype"),
+        )
         bound = 1.0 / math.sqrt(in_features)  # torch.nn.Linear's default range
-        weight = torch.rand(out_features, in_features, generator=generator, dtype=dtype)
-        self.params = {
-            "weight": ((weight * 2 - 1) * bound).to(device),
-            "bias": torch.zeros(out_features, dtype=dtype, device=device),
-        }
+        self.params = _parameters((drawn * 2 - 1) * bound, factory)
         self.grads: dict[str, torch.Tensor] = {}
-        self.needs_input_grad = True
-        self.cache = None
+        self.needs_input_grad, self.cache = True, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
@@ -827,8 +500,7 @@ class Linear:
         return torch.addmm(self.params["bias"], x, self.params["weight"].t())
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        x = self.cache
-        self.grads["weight"] = grad_out.t() @ x
+        self.grads["weight"] = grad_out.t() @ self.cache
         self.grads["bias"] = grad_out.sum(0)
         return grad_out @ self.params["weight"] if self.needs_input_grad else None
 
@@ -840,9 +512,6 @@ class SoftmaxCrossEntropy:
     backward() -> grad_logits (N, K) = (softmax(logits) - one_hot(targets)) / N.
     """
 
-    def __init__(self):
-        self.cache = None
-
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         shifted = logits - logits.amax(dim=1, keepdim=True)
         log_probs = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
@@ -851,31 +520,277 @@ class SoftmaxCrossEntropy:
 
     def backward(self) -> torch.Tensor:
         log_probs, targets = self.cache
-        grad = log_probs.exp()
-        grad.scatter_add_(
-            1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -1.0)
-        )  # softmax - one_hot
+        grad = log_probs.exp()  # softmax, then minus one_hot:
+        grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(grad[:, :1], -1.0))
         return grad.div_(len(targets))
 
 
-class CNN:
-    """The seed architecture; forward(x (N, 1, 28, 28)) -> logits (N, 10)."""
+# Fast layers: each computes what the reference layer it subclasses computes (tests hold them
+# equal in float64), in fewer and larger operations; what each trick saves: docs/cnn_layers.md.
 
-    def __init__(
-        self,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
-    ):
-        factory = {"device": device, "dtype": dtype, "generator": generator}
+
+class Buffers(dict):
+    """Tensors kept from step to step (allocating MBs anew each step costs more in page
+    faults than filling them): reused(name, shape, like) is made zero and then reused while
+    shape, dtype and device stay. Callers overwrite it, or write only the interior of a zero
+    border, which stays zero. Nothing a layer returns lives here."""
+
+    def reused(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.get(name)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
+            torch.Size(shape),
+            like.dtype,
+            like.device,
+        ):
+            buffer = self[name] = like.new_zeros(shape)
+        return buffer
+
+
+def _columns_t(padded: torch.Tensor, window, stride, out_size, out: torch.Tensor) -> torch.Tensor:
+    """im2col, transposed: padded (N, C, H_pad, W_pad) -> (C * wh * ww, N * H_out * W_out) in
+    `out`, each row copied in runs along W."""
+    (wh, ww), (sh, sw), (h_out, w_out) = window, stride, out_size
+    (n, c), (stride_n, stride_c, stride_h, stride_w) = padded.shape[:2], padded.stride()
+    windows = padded.as_strided(
+        (c, wh, ww, n, h_out, w_out),
+        (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
+    )
+    out.view(windows.shape).copy_(windows)
+    return out
+
+
+class ColumnsConv2D(Conv2D):
+    """Computes Conv2D (the same forward; backward is the reference one, on the same columns),
+    plus weight_grad_through_pool: the weight gradient of conv -> ReLU -> max-pool in one go.
+
+    Faster forward: the columns are filled transposed, (K, P), each row copied in long runs
+    along W, where (P, K) rows are runs of kw values (4x slower to fill for a one-channel
+    image, measured); BLAS multiplies their transpose as it is, into the channels-last
+    output. Buffers are reused from step to step.
+    """
+
+    def __init__(self, *args, **factory):
+        super().__init__(*args, **factory)
+        self.buffers = Buffers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (h_out, w_out), (n, c, h, w), (ph, pw) = self.output_size(x), x.shape, self.padding
+        padded = self.buffers.reused("padded", (n, c, h + 2 * ph, w + 2 * pw), x)
+        padded[:, :, ph : ph + h, pw : pw + w] = x
+        positions = n * h_out * w_out
+        columns = self.buffers.reused("columns", (c * math.prod(self.kernel_size), positions), x)
+        _columns_t(padded, self.kernel_size, self.stride, (h_out, w_out), columns)
+        weight, rows = (
+            self.params["weight"].view(self.out_channels, -1),
+            x.new_empty((positions, self.out_channels)),
+        )
+        torch.addmm(self.params["bias"], columns.t(), weight.t(), out=rows)
+        self.cache = (x.shape, columns.t())  # the reference's (P, K) columns, as a view
+        return rows.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
+
+    def weight_grad_through_pool(self, pool: FastMaxPool2D, grad_pooled: torch.Tensor) -> None:
+        """Set grads as backward(pool.backward(grad_pooled)) would, grad_pooled (N, C_out,
+        H_pool, W_pool) being the gradient of pool's output with the derivative of any layer
+        between (a ReLU: pool.relu_mask) applied. Stride-1 convolutions only.
+
+        Each pool window hands its gradient to one tap (dy, dx): the convolution output at
+        (py * s + dy, px * s + dx), which saw the padded input at (py * s + dy + i, px * s + dx
+        + j). So the weight gradient comes from one batched product over the windows: the
+        padded input's span_h x span_w patches (span = pool kernel + conv kernel - 1) at the
+        pool's stride, times the gradient each window routes to tap (dy, dx); the (dy + i,
+        dx + j) entries of tap (dy, dx)'s product add up to the weight gradient. No full-size
+        gradient is formed.
+        """
+        if self.stride != (1, 1):
+            raise ValueError("weight_grad_through_pool needs a stride-1 convolution")
+        (kh, kw), (pool_h, pool_w) = self.kernel_size, pool.kernel_size
+        (n, c_out, h_pool, w_pool), padded = grad_pooled.shape, self.buffers["padded"]
+        span, taps = (pool_h + kh - 1, pool_w + kw - 1), pool_h * pool_w
+        # routed[t] (N, H_pool, W_pool, C_out): the gradient tap t takes, in the masks' layout.
+        routed = self.buffers.reused("routed", (taps, n, h_pool, w_pool, c_out), grad_pooled)
+        pool.route(grad_pooled, [routed[t].permute(0, 3, 1, 2) for t in range(taps)])
+        shape = (padded.shape[1] * math.prod(span), n * h_pool * w_pool)
+        patches = self.buffers.reused("patches", shape, padded)
+        _columns_t(padded, span, pool.stride, (h_pool, w_pool), patches)
+        products = torch.matmul(patches, routed.view(taps, -1, c_out))  # (taps, C_in * span, C_out)
+        products = products.view(pool_h, pool_w, -1, *span, c_out)
+        grad_weight = sum(
+            products[dy, dx, :, dy : dy + kh, dx : dx + kw]
+            for dy, dx in itertools.product(range(pool_h), range(pool_w))
+        )
+        self.grads["weight"] = grad_weight.permute(3, 0, 1, 2).contiguous()
+        self.grads["bias"] = grad_pooled.sum((0, 2, 3))
+
+
+class KernelRowsConv2D(Conv2D):
+    """Computes Conv2D, forward and backward, for a vertical stride of 1 (any kernel, padding
+    and horizontal stride).
+
+    Faster: where im2col copies kh * kw * C_in values per output position, the row windows
+    hold, per (image, padded input row y, output column x), the kw * C_in values one kernel
+    row sees there: 1/kh of the copy. Kernel row i adds windows[y + i] @ W_i to output row y;
+    in the flattened matrix that shift is a fixed offset of i * W_out rows, so each kernel row
+    is one matmul on a view, in forward and in both gradients (and col2im takes kw strided
+    additions instead of kh * kw). All H_pad rows of an image are computed, and the kh - 1
+    extra ones dropped by a view. Works channels-last; buffers are reused from step to step.
+    """
+
+    def __init__(self, *args, **factory):
+        super().__init__(*args, **factory)
+        self.buffers = Buffers()
+
+    def _kernel_rows(self) -> torch.Tensor:
+        """The weight as (kh, kw * C_in, C_out): kernel row i, ordered like a window row."""
+        weight = self.params["weight"].permute(2, 3, 1, 0)
+        return weight.reshape(self.kernel_size[0], -1, self.out_channels)
+
+    def _shifted(self, windows: torch.Tensor, count: int, w_out: int) -> torch.Tensor:
+        """(kh, count, kw * C_in) views of the row windows, [i] starting i input rows down."""
+        step = windows.stride(0)
+        return windows.as_strided(
+            (self.kernel_size[0], count, windows.shape[1]), (w_out * step, step, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] != 1:
+            raise ValueError("KernelRowsConv2D needs a vertical stride of 1")
+        (h_out, w_out), (n, c, h, w), (ph, pw) = self.output_size(x), x.shape, self.padding
+        (kh, kw), sw = self.kernel_size, self.stride[1]
+        padded = self.buffers.reused("padded", (n, h + 2 * ph, w + 2 * pw, c), x)
+        padded[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
+        count = n * padded.shape[1] * w_out
+        # (kh - 1) * W_out zero rows at the end keep every shifted view inside the buffer.
+        windows = self.buffers.reused("windows", (count + (kh - 1) * w_out, kw * c), x)
+        stride_n, stride_h, stride_w, _ = padded.stride()
+        rows_view = padded.as_strided(
+            (n, padded.shape[1], w_out, kw * c), (stride_n, stride_h, stride_w * sw, 1)
+        )
+        windows[:count].view(rows_view.shape).copy_(rows_view)
+        weights = self._kernel_rows()
+        shifted = self._shifted(windows, count, w_out)
+        rows = torch.mm(shifted[0], weights[0])
+        for i in range(1, kh):
+            rows.addmm_(shifted[i], weights[i])
+        rows += self.params["bias"]
+        self.cache = (x.shape, windows, count, (h_out, w_out))
+        return rows.view(n, -1, w_out, self.out_channels)[:, :h_out].permute(0, 3, 1, 2)
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
+        (n, c, h, w), windows, count, (h_out, w_out) = self.cache
+        (kh, kw), (ph, pw), sw = self.kernel_size, self.padding, self.stride[1]
+        height = count // (n * w_out)
+        # The output gradient on the grid of rows forward computed; the extra rows stay zero.
+        grid = self.buffers.reused("grad_grid", (n, height, w_out, self.out_channels), grad_out)
+        grid[:, :h_out] = grad_out.permute(0, 2, 3, 1)
+        grad_rows = grid.view(count, self.out_channels)
+        grad_weights = torch.bmm(  # (kh, kw * C_in, C_out), in one batched product
+            self._shifted(windows, count, w_out).transpose(1, 2), grad_rows.expand(kh, -1, -1)
+        )
+        self.grads["weight"] = grad_weights.view(kh, kw, c, -1).permute(3, 2, 0, 1).contiguous()
+        self.grads["bias"] = grad_rows.sum(0)
+        if not self.needs_input_grad:
+            return None
+        weights = self._kernel_rows()
+        grad_windows = self.buffers.reused("grad_windows", windows.shape, grad_out)
+        shifted = self._shifted(grad_windows, count, w_out)
+        torch.mm(grad_rows, weights[0].t(), out=shifted[0])
+        grad_windows[count:].zero_()
+        for i in range(1, kh):
+            shifted[i].addmm_(grad_rows, weights[i].t())
+        grad_windows = grad_windows[:count].view(n, height, w_out, kw, c)
+        grad_padded = grad_out.new_zeros((n, height, w + 2 * pw, c))
+        for j in range(kw):
+            grad_padded[:, :, j : j + sw * (w_out - 1) + 1 : sw] += grad_windows[:, :, :, j]
+        return grad_padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)
+
+
+class FastMaxPool2D(MaxPool2D):
+    """Computes MaxPool2D, forward and backward (first maximum on ties), plus relu_mask: the
+    backward of a ReLU in front of it, done on the pooled grid.
+
+    Faster: each of the kh * kw taps of the windows is a strided view of the input, so forward
+    is a running elementwise maximum, with no window copy and no index tensor; beside it a
+    float 0/1 mask per tap marks where that tap took the window (strictly greater than every
+    earlier tap: on ties the first maximum keeps it). backward routes the gradient by those
+    masks, two elementwise operations per tap (float: the CPU's fast path).
+    """
+
+    def _taps(self, x: torch.Tensor, h_out: int, w_out: int) -> list[torch.Tensor]:
+        """kh * kw views (N, C, H_out, W_out): tap (i, j) is x[..., i + s*oh, j + s*ow]."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        return [
+            x[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
+            for i, j in itertools.product(range(kh), range(kw))
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self._taps(x, *self.output_size(x))
+        out, takes = taps[0].clone(), []
+        for tap in taps[1:]:  # takes[t]: tap t + 1 beat every earlier tap
+            takes.append(torch.gt(tap, out, out=torch.empty_like(out)))
+            torch.maximum(out, tap, out=out)
+        self.cache = (x, out, takes)
+        return out
+
+    def relu_mask(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """ReLU.backward of the ReLU in front of this pool, on the pooled grid (a quarter of
+        the size): the pool hands each window's gradient to its maximum, where the ReLU's
+        derivative is [maximum > 0] = [pooled output > 0]. The same numbers."""
+        pooled = self.cache[1]
+        return torch.gt(pooled, 0, out=torch.empty_like(pooled)).mul_(grad_out)
+
+    def route(self, grad_out: torch.Tensor, grad_taps: list[torch.Tensor], add: bool = False):
+        """Give each window's gradient to its first maximum: from the last tap back, each tap
+        takes what no later tap took. grad_taps[t] (shaped like grad_out) gets tap t's share,
+        written over, or with add (windows overlap) added to."""
+        _, out, takes = self.cache
+        if grad_out.stride() != out.stride():  # the masks' layout: faster loops
+            grad_out = torch.empty_like(out).copy_(grad_out)
+        remaining = grad_out
+        for take, grad_tap in zip(reversed(takes), reversed(grad_taps[1:])):
+            taken = torch.mul(remaining, take, out=None if add else grad_tap)
+            if add:
+                grad_tap += taken
+            remaining = remaining - taken
+        if add:
+            grad_taps[0] += remaining
+        else:
+            grad_taps[0].copy_(remaining)
+
+    def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
+        x, out, _ = self.cache
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        # Windows that tile the input exactly write every element once: no zeroing needed.
+        tiles = (kh, kw) == (sh, sw) and (out.shape[2] * kh, out.shape[3] * kw) == x.shape[2:]
+        grad_in = torch.empty_like(x) if tiles else torch.zeros_like(x)
+        self.route(grad_out, self._taps(grad_in, *out.shape[2:]), add=not tiles)
+        return grad_in
+
+
+LAYER_KINDS = ("fast", "reference")
+
+
+class CNN:
+    """The seed architecture, forward(x (N, 1, 28, 28)) -> logits (N, 10).
+
+    layers="reference" builds it from the reference layers and backpropagates by a plain loop
+    over them in reverse; layers="fast" from the fast layers, with the fused backward below.
+    Both draw the same initial weights from the same generator.
+    """
+
+    def __init__(self, *, layers: str = "fast", **factory):
+        if layers not in LAYER_KINDS:
+            raise ValueError(f"layers must be one of {LAYER_KINDS}, got {layers!r}")
+        self.kind, fast = layers, layers == "fast"
+        first_conv, conv = (ColumnsConv2D, KernelRowsConv2D) if fast else (Conv2D, Conv2D)
+        pool = FastMaxPool2D if fast else MaxPool2D
         self.layers = [
-            Conv2D(1, 8, 3, padding=1, **factory),
-            ReLU(inplace=True),
-            MaxPool2D(2),
-            Conv2D(8, 16, 3, padding=1, **factory),
-            ReLU(inplace=True),
-            MaxPool2D(2),
+            first_conv(1, 8, 3, padding=1, **factory),
+            ReLU(inplace=fast),
+            pool(2),
+            conv(8, 16, 3, padding=1, **factory),
+            ReLU(inplace=fast),
+            pool(2),
             Flatten(),
             Linear(16 * 7 * 7, 10, **factory),
         ]
@@ -887,28 +802,17 @@ class CNN:
         return x
 
     def backward(self, grad_logits: torch.Tensor) -> None:
-        grad, index = grad_logits, len(self.layers) - 1
-        while index >= 0:
-            layer = self.layers[index]
-            if isinstance(layer, MaxPool2D) and index and isinstance(self.layers[index - 1], ReLU):
-                # A max-pool hands each window's gradient to the window's maximum, where the
-                # ReLU before it has derivative [maximum > 0] = [pooled output > 0]. So the
-                # ReLU's mask is applied to the pooled gradient (a quarter of the size) and
-                # the ReLU's own full-size backward pass is skipped: the same numbers.
-                pooled = layer.cache[1]
-                grad = torch.gt(pooled, 0, out=torch.empty_like(pooled)).mul_(grad)
-                conv = self.layers[index - 2] if index >= 2 else None
-                if isinstance(conv, Conv2D) and not conv.needs_input_grad and conv.stride == (1, 1):
-                    # The first convolution's weight gradient straight from the pooled one:
-                    # neither the pool's nor the convolution's full-size gradient is formed.
-                    conv_weight_grad_through_pool(conv, layer, grad)
-                    index -= 3
-                    continue
+        if self.kind == "reference":
+            grad = grad_logits
+            for layer in reversed(self.layers):
                 grad = layer.backward(grad)
-                index -= 2
-            else:
-                grad = layer.backward(grad)
-                index -= 1
+            return
+        first_conv, _, first_pool, conv, _, pool, flatten, linear = self.layers
+        grad = flatten.backward(linear.backward(grad_logits))
+        # Each ReLU's backward runs on its pool's output (FastMaxPool2D.relu_mask), and the
+        # first convolution's weight gradient comes straight from its pool's gradient.
+        grad = conv.backward(pool.backward(pool.relu_mask(grad)))
+        first_conv.weight_grad_through_pool(first_pool, first_pool.relu_mask(grad))
 
     def trainable_layers(self) -> list[tuple[int, Conv2D | Linear]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "params")]
@@ -921,15 +825,14 @@ class CNN:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"state dict keys {sorted(state)} do not match {sorted(expected)}")
-        for i, layer in self.trainable_layers():
-            for name, tensor in layer.params.items():
-                tensor.copy_(state[f"layers.{i}.{name}"])
+        if set(state) != set(self.state_dict()):
+            raise ValueError(f"state dict keys {sorted(state)} do not match this network's")
+        for key in self.state_dict():
+            _, index, name = key.split(".")
+            self.layers[int(index)].params[name].copy_(state[key])
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for _, layer in self.trainable_layers() for t in layer.params.values())
+        return sum(t.numel() for t in self.state_dict().values())
 
 
 class SGD:
@@ -939,14 +842,7 @@ class SGD:
             p -= lr * (g + momentum * buf) with nesterov, else p -= lr * buf.
     """
 
-    def __init__(
-        self,
-        model: CNN,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        nesterov: bool = True,
-    ):
+    def __init__(self, model: CNN, lr: float, momentum=0.9, weight_decay=0.0, nesterov=True):
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.model, self.lr, self.momentum = model, lr, momentum
@@ -982,30 +878,6 @@ class SGD:
 # --------------------------------------------------------------------------------------------
 
 
-class StopSignal:
-    """Turns SIGTERM/SIGUSR1 into a flag the training loop checks after every step."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for name in self.SIGNALS:
-            if hasattr(signal, name):
-                number = getattr(signal, name)
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number, frame) -> None:
-        self.received = signal.Signals(number).name
-
-
 def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
     """Linear warmup from peak/warmup to peak, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:
@@ -1014,103 +886,100 @@ def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def iterate_batches(
-    num_items: int, batch_size: int, generator: torch.Generator, device: torch.device
-) -> list[torch.Tensor]:
-    """One epoch's shuffled index batches (the last one may be short), moved to the device."""
-    order = torch.randperm(num_items, generator=generator).to(device)
-    return list(order.split(batch_size))
-
-
 @torch.no_grad()
 def evaluate(
     model: CNN, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000
 ) -> dict:
-    """Loss, accuracy and predictions over a whole split (uint8 images on the device)."""
-    loss_fn = SoftmaxCrossEntropy()
-    total_loss, predictions = 0.0, []
+    """Mean loss, accuracy, predictions and their probabilities over a split (uint8 images on
+    the device); the sums stay on the device until the one read at the end."""
+    loss_fn, total_loss, predictions, probabilities = SoftmaxCrossEntropy(), 0.0, [], []
     for start in range(0, len(images_uint8), batch_size):
-        x = preprocess(images_uint8[start : start + batch_size])
+        logits = model.forward(preprocess(images_uint8[start : start + batch_size]))
         y = labels[start : start + batch_size]
-        logits = model.forward(x)
-        total_loss += float(loss_fn.forward(logits, y)) * len(y)
-        predictions.append(logits.argmax(dim=1))
+        total_loss = total_loss + loss_fn.forward(logits, y) * len(y)
+        probability, predicted = loss_fn.cache[0].max(dim=1)
+        predictions.append(predicted)
+        probabilities.append(probability.exp())
     predicted = torch.cat(predictions) if predictions else labels.new_zeros(0)
     count = max(1, len(labels))
     return {
-        "loss": total_loss / count,
-        "accuracy": float((predicted == labels).sum()) / count,
+        "loss": float(total_loss) / count,
+        "accuracy": int((predicted == labels).sum()) / count,
         "predictions": predicted,
+        "probabilities": torch.cat(probabilities) if probabilities else labels.new_zeros(0),
     }
 
 
-@torch.no_grad()
-def train(
-    args: argparse.Namespace,
-    model: CNN,
-    optimizer: SGD,
-    data: dict,
-    state: dict,
-    save_checkpoint,
-    stop: StopSignal,
-    on_epoch_end,
-) -> str:
-    """Run (or continue) training from `state`; returns "done", "stopped" or "diverged".
+def new_training_state() -> dict:
+    """Where training stands; checkpointed, so a resume continues bit-identically."""
+    return {"epoch": 0, "step_in_epoch": 0, "history": [], "lr_by_step": [], "train_time_s": 0.0}
 
-    `state` holds the epoch, the step within it and the epoch's running sums, so a checkpoint
-    written mid-epoch resumes bit-identically: the same permutation is drawn again and the
-    finished steps are skipped.
-    """
+
+def train_epoch(args, model: CNN, optimizer: SGD, train_data, state: dict, stop) -> None:
+    """The rest of the current epoch's steps, or until a stop signal: updates state (step,
+    lr_by_step, the epoch's running sums). The loss and correct counts accumulate on the
+    device and are read once, at the end, so no step waits for the device."""
+    train_x, train_y = train_data
+    epoch, steps_per_epoch = state["epoch"], math.ceil(len(train_x) / args.batch_size)
+    total_steps, sums = steps_per_epoch * args.epochs, state["sums"]
+    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
+    # Each epoch's order comes from its own seeded generator: a resumed epoch draws the same
+    # permutation and skips the steps it had already taken.
+    shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
+    batches = (
+        torch.randperm(len(train_x), generator=shuffle).to(train_x.device).split(args.batch_size)
+    )
+    loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=train_x.device)
+    correct = torch.tensor(sums["correct"], device=train_x.device)
     from tqdm import tqdm
 
-    train_x, train_y = data["train"]
-    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
-    loss_fn = SoftmaxCrossEntropy()
+    loss_fn, started = SoftmaxCrossEntropy(), time.perf_counter()
+    progress = tqdm(
+        total=len(batches),
+        initial=state["step_in_epoch"],
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        disable=not sys.stderr.isatty(),
+        leave=False,
+    )
+    for index in batches[state["step_in_epoch"] :]:
+        step = epoch * steps_per_epoch + state["step_in_epoch"]
+        optimizer.lr = learning_rate(step, total_steps, args.lr, warmup_steps)
+        x, y = preprocess(train_x[index]), train_y[index]
+        logits = model.forward(x)
+        loss = loss_fn.forward(logits, y)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+        sums["seen"] += len(y)
+        state["step_in_epoch"] += 1
+        state["lr_by_step"].append(optimizer.lr)
+        progress.update()
+        if stop.received:
+            break
+    progress.close()
+    sums["loss"], sums["correct"] = float(loss_sum), int(correct)  # waits for the device
+    sums["seconds"] += time.perf_counter() - started
+
+
+@torch.no_grad()
+def train(args, model: CNN, optimizer: SGD, data: dict, state: dict, stop, run_dir: Path) -> str:
+    """Train (or continue) from `state` to args.epochs: "done", "stopped" or "diverged".
+
+    After each epoch: history.csv, then the checkpoint (so history.csv is never short of
+    it). A NaN/inf loss is caught once per epoch, on the epoch's summed loss (the one read
+    of it), and before a mid-epoch checkpoint: a checkpoint never holds a diverged model.
+    """
+    steps_per_epoch = math.ceil(len(data["train"][0]) / args.batch_size)
     while state["epoch"] < args.epochs:
-        epoch = state["epoch"]
         if state["step_in_epoch"] == 0:
             state["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        # Each epoch's order comes from its own seeded generator, so a resumed epoch draws
-        # exactly the same permutation and skips the steps it had already taken.
-        shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
-        batches = iterate_batches(len(train_x), args.batch_size, shuffle, train_x.device)
+        train_epoch(args, model, optimizer, data["train"], state, stop)
         sums = state["sums"]
-        progress = tqdm(
-            total=len(batches),
-            initial=state["step_in_epoch"],
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=not sys.stderr.isatty(),
-            leave=False,
-        )
-        started = time.perf_counter()
-        for index in batches[state["step_in_epoch"] :]:
-            optimizer.lr = learning_rate(
-                epoch * steps_per_epoch + state["step_in_epoch"], total_steps, args.lr, warmup_steps
-            )
-            x, y = preprocess(train_x[index]), train_y[index]
-            logits = model.forward(x)
-            loss = loss_fn.forward(logits, y)
-            model.backward(loss_fn.backward())
-            optimizer.step()
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                progress.close()
-                return "diverged"
-            sums["loss"] += loss_value * len(y)
-            sums["correct"] += int((logits.argmax(dim=1) == y).sum())
-            sums["seen"] += len(y)
-            state["step_in_epoch"] += 1
-            progress.update()
-            if stop.received:
-                break
-        if train_x.device.type == "cuda":
-            torch.cuda.synchronize()
-        sums["seconds"] += time.perf_counter() - started
-        progress.close()
-        if stop.received and state["step_in_epoch"] < len(batches):
-            save_checkpoint()
+        if not math.isfinite(sums["loss"]):
+            return "diverged"
+        if state["step_in_epoch"] < steps_per_epoch:  # stopped by a signal mid-epoch
+            save_checkpoint(run_dir, model, optimizer, state)
             return "stopped"
         val = (
             evaluate(model, *data["val"])
@@ -1118,7 +987,7 @@ def train(
             else {"loss": math.nan, "accuracy": math.nan}
         )
         row = {
-            "epoch": epoch + 1,
+            "epoch": state["epoch"] + 1,
             "train_loss": sums["loss"] / sums["seen"],
             "train_accuracy": sums["correct"] / sums["seen"],
             "val_loss": val["loss"],
@@ -1129,39 +998,337 @@ def train(
         }
         state["history"].append(row)
         state["train_time_s"] += sums["seconds"]
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        save_checkpoint()
-        on_epoch_end(row)
-        if stop.received:
-            return "stopped" if state["epoch"] < args.epochs else "done"
+        state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+        write_csv(run_dir / "history.csv", state["history"])
+        save_checkpoint(run_dir, model, optimizer, state)
+        log(
+            f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} "
+            f"acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.4g}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
+        )
+        if stop.received and state["epoch"] < args.epochs:
+            return "stopped"
     return "done"
 
 
+GRADIENT_TOLERANCES = {"finite differences": 1e-6, "autograd": 1e-10}
+
+
+def torch_function(layer, x: torch.Tensor, params: dict) -> torch.Tensor:
+    """The layer's function in torch.nn.functional: what autograd differentiates."""
+    import torch.nn.functional as F
+
+    if isinstance(layer, Conv2D):
+        return F.conv2d(x, params["weight"], params["bias"], layer.stride, layer.padding)
+    if isinstance(layer, MaxPool2D):
+        return F.max_pool2d(x, layer.kernel_size, layer.stride)
+    if isinstance(layer, Linear):
+        return F.linear(x, params["weight"], params["bias"])
+    return F.relu(x) if isinstance(layer, ReLU) else x.flatten(1)
+
+
+def objective(layers: list, target: torch.Tensor, values: dict, by_torch: bool = False):
+    """sum(output * target) of `layers` ((index, layer) pairs) for float targets, their
+    cross-entropy for labels, at values: "input" and parameters "<index>.<name>"; computed by
+    the layers themselves, or with by_torch by torch's functions of them (for autograd)."""
+    x, saved = values["input"], {}
+    try:
+        for index, layer in layers:
+            params = getattr(layer, "params", {})
+            own = {name: values[f"{index}.{name}"] for name in params}
+            if by_torch:
+                x = torch_function(layer, x, own)
+            else:
+                saved[index] = dict(params)
+                params.update(own)
+                x = layer.forward(x.clone())
+    finally:
+        for index, layer in layers:
+            getattr(layer, "params", {}).update(saved.get(index, {}))
+    if target.dtype == torch.int64:
+        import torch.nn.functional as F
+
+        return (
+            F.cross_entropy(x, target)
+            if by_torch
+            else float(SoftmaxCrossEntropy().forward(x, target))
+        )
+    return (x * target).sum() if by_torch else float((x * target).sum())
+
+
+def gradient_errors(function, values: dict, hand: dict, generator) -> tuple[float, float]:
+    """The largest relative differences of the hand-written gradients `hand` of
+    function(values) from central finite differences along a random direction per tensor, and
+    from autograd's gradients of function(values, by_torch=True)."""
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in values.items()}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(function(leaves, by_torch=True), [leaves[k] for k in hand])
+    autograd = max(relative_difference(hand[k], grad) for k, grad in zip(hand, grads))
+    finite, eps = 0.0, 1e-6
+    for name in hand:
+        direction = torch.randn(values[name].shape, generator=generator, dtype=torch.float64)
+        plus, minus = (
+            function({**values, name: values[name] + s * direction}) for s in (eps, -eps)
+        )
+        numeric, analytic = (plus - minus) / (2 * eps), float((hand[name] * direction).sum())
+        finite = max(finite, abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1e-30))
+    return finite, autograd
+
+
+def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+
+
+def network_gradient_errors(kind: str, seed: int) -> list[tuple[str, tuple[float, float]]]:
+    """(name, errors) for each layer of a float64 network of `kind` on its own activations of
+    two random images, and for the whole network's loss."""
+    generator = torch.Generator().manual_seed(seed)
+    model = CNN(layers=kind, dtype=torch.float64, generator=generator)
+    for _, layer in model.trainable_layers():
+        layer.params["bias"].normal_(std=0.1, generator=generator)
+    x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,), generator=generator)
+    results, h = [], x
+    for index, layer in enumerate(model.layers):
+        out = layer.forward(h.clone())
+        weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+        grad_in = layer.backward(weights)
+        hand = {"input": grad_in} if grad_in is not None else {}
+        hand.update({f"{index}.{n}": g for n, g in getattr(layer, "grads", {}).items()})
+        values = {
+            "input": h,
+            **{f"{index}.{n}": p for n, p in getattr(layer, "params", {}).items()},
+        }
+        function = partial(objective, [(index, layer)], weights)
+        results.append(
+            (f"{index} {type(layer).__name__}", gradient_errors(function, values, hand, generator))
+        )
+        h = torch.empty_like(out).normal_(generator=generator)  # distinct values: no ties
+    loss_fn = SoftmaxCrossEntropy()
+    loss_fn.forward(model.forward(x), y)
+    model.backward(loss_fn.backward())
+    values, hand = {"input": x}, {}
+    for i, layer in model.trainable_layers():
+        for name in layer.params:
+            values[f"{i}.{name}"], hand[f"{i}.{name}"] = layer.params[name], layer.grads[name]
+    function = partial(objective, list(enumerate(model.layers)), y)
+    errors = gradient_errors(function, values, hand, generator)
+    return [*results, ("whole network", errors)]
+
+
+def check_gradients(seed: int = 0) -> tuple[list[str], bool]:
+    """--check-gradients: the report's lines, and whether every difference is within its
+    tolerance (GRADIENT_TOLERANCES)."""
+    lines = [
+        "largest relative difference of the hand-written gradients (float64):",
+        f"{'layers':<11}{'layer':<22}{'vs finite differences':>22}{'vs autograd':>13}",
+    ]
+    worst = dict.fromkeys(GRADIENT_TOLERANCES, 0.0)
+    for kind in ("reference", "fast"):
+        for name, errors in network_gradient_errors(kind, seed):
+            lines.append(f"{kind:<11}{name:<22}{errors[0]:>22.1e}{errors[1]:>13.1e}")
+            worst = {key: max(worst[key], error) for key, error in zip(worst, errors)}
+    within = all(worst[key] <= limit for key, limit in GRADIENT_TOLERANCES.items())
+    limits = ", ".join(f"{key} {limit:.0e}" for key, limit in GRADIENT_TOLERANCES.items())
+    lines.append(
+        f"{'all within' if within else 'FAILED: not all within'} the tolerances ({limits})"
+    )
+    return lines, within
+
+
 # --------------------------------------------------------------------------------------------
-# Outputs: metrics, plots, checkpoints (every file written atomically)
+# Runs: exit codes, errors, signals, atomic outputs, run folders, resume and seed summaries.
+# The same, line for line, in cnn_from_scratch.py and resnet18.py (a test holds it so); what
+# differs is in each script's RUN_PREFIX, RUN_DEFINING_ARGS, PROGRESS_FILES, HISTORY_FILES.
 # --------------------------------------------------------------------------------------------
+
+FAILURE_EXIT_CODE = 1  # a write failed (disk full, ...), or another process of the job died
+USAGE_EXIT_CODE = 2  # bad input: the one `error:` line says what to fix
+DIVERGED_EXIT_CODE = 3  # the loss became NaN/inf or exploded
+RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue
+INTERRUPTED_EXIT_CODE = 130  # stopped by Ctrl-C after a checkpoint, or aborted by a second one
+RUN_RECORD = "config.json"  # written when the run folder is made, never rewritten
+FINISHED_RECORD = "metrics.json"  # written last: its presence means the run is finished
+SCRIPTS = {"cnn": "cnn_from_scratch.py", "resnet": "resnet18.py"}
+# Where or how fast a run went, not what it computed: runs differing only in these (and the
+# seed) are summarised together.
+NOT_SETTINGS = ("seed", "data_dir", "output_dir", "resume", "device", "summarize", "no_download")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: one `error:` line, exit code 2."""
+
+
+class OutputError(Exception):
+    """A file could not be written (disk full, file-size limit, path too long): exit code 1."""
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (some run to dozens), at most 200 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(USAGE_EXIT_CODE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a default once: not when the help already names it, nor when there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if "default" in text.lower() or default in (None, argparse.SUPPRESS) or default is False:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def number_type(convert, accept, expected: str):
+    """An argparse `type=` that also refuses nan, inf and values outside `accept`."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+            if accept(value) and math.isfinite(value):
+                return value
+        except (ValueError, OverflowError):
+            pass
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+    return parse
+
+
+positive_int = number_type(int, lambda value: value >= 1, "a whole number of at least 1")
+seed_int = number_type(int, lambda value: 0 <= value < 2**32, "a seed from 0 to 4294967295")
+positive_float = number_type(float, lambda value: value > 0, "a finite number above 0")
+non_negative_float = number_type(float, lambda value: value >= 0, "a finite number >= 0")
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options the command line gave itself, one equal to its default included (parsed
+    again with every default hidden)."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
+
+
+def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[str]) -> None:
+    """A resumed run keeps what it was made with: RUN_DEFINING_ARGS come from its config.json,
+    and a value given on this command line that differs is refused, never replaced."""
+    for name in RUN_DEFINING_ARGS:
+        given, made_with = getattr(args, name), recorded.get(name, getattr(args, name))
+        if name in explicit and given != made_with:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} {given} contradicts the run being resumed, which was made with {flag} "
+                f"{made_with}: drop {flag} to continue it, or start a new run without --resume"
+            )
+        setattr(args, name, made_with)
+
+
+def apply_array_seed(args: argparse.Namespace) -> int:
+    """In a SLURM job array each task trains its own seed: --seed + SLURM_ARRAY_TASK_ID."""
+    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    offset = int(task) if task.isdigit() else 0
+    args.seed += offset
+    return offset
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (SLURM's warning before the time limit) become a
+    flag that training checks: it finishes the step, writes a checkpoint and exits resumable.
+    A second Ctrl-C aborts at once; a second SIGTERM/SIGUSR1 changes nothing."""
+
+    def __enter__(self) -> StopSignal:
+        self.received, self.previous = None, {}
+        for number in STOP_SIGNALS:
+            self.previous[number] = signal.signal(number, self.handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # those held since startup
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+        elif number == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else RESUMABLE_EXIT_CODE
+
+
+def run_main(run, args: argparse.Namespace) -> int:
+    """`run(args, stop)` with stop signals caught from the start; what a user can act on ends
+    as one `error:` line and an exit code, never a traceback."""
+    try:
+        with StopSignal() as stop:
+            return run(args, stop)
+    except (UserError, OutputError) as error:
+        code = USAGE_EXIT_CODE if isinstance(error, UserError) else FAILURE_EXIT_CODE
+        message = str(error)
+    except KeyboardInterrupt:
+        message = "interrupted again: stopped at once; the checkpoints written before are intact"
+        code = INTERRUPTED_EXIT_CODE
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def stop_lines(stop: StopSignal, run_dir: Path) -> list[str]:
+    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`)."""
+    cause, last = stop.received or "a signal to another process of this job", f"stopped: {run_dir}"
+    if run_state(run_dir) != "resumable":
+        return [f"stopped by {cause} before the first checkpoint: run it again", last]
+    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", last]
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"python {SCRIPTS[RUN_PREFIX]} --resume {run_dir}"
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: all or nothing."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    """Write a temporary file in the same folder, fsync, then os.replace: all or nothing. A
+    failed write (disk full, file-size limit, path too long) raises OutputError."""
+    path, temporary = Path(path), None
     try:
+        descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            # mkstemp creates the file private (0600); give it the mode a plain open() would,
-            # so results on shared storage stay readable by the group as the umask allows.
+            # mkstemp makes files private (0600); give the mode open() would, so results on
+            # shared storage stay readable by the group as the umask allows.
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(handle.fileno(), 0o666 & ~umask)
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        run_dir = next((p for p in path.parents if (p / RUN_RECORD).is_file()), None)
+        after = "nothing to resume yet: make room (or pass another --output-dir), start again"
+        if run_dir is not None and run_state(run_dir) == "resumable":
+            after = f"the last checkpoint is intact: make room, then {resume_command(run_dir)}"
+        raise OutputError(f"cannot write {path}: {error.strerror or error}; {after}") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -1169,7 +1336,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, payload) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def atomic_torch_save(payload, path: str | Path) -> None:
@@ -1188,76 +1355,296 @@ def save_figure(figure, path: str | Path) -> None:
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Floats to 12 significant digits: a learning rate of 0.1 reads 0.1, not 0.0999..."""
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow({k: round_float(v) for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
 
 
+def round_float(value):
+    return float(f"{value:.12g}") if isinstance(value, float) else value
+
+
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Delete the `.<name>.<random>.tmp` files that killed writes left in a run folder."""
+    stale = list(run_dir.rglob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def job_tag() -> str | None:
+    """This SLURM job's part of a run folder's name: <array job>_<task>, or the job id."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+
+
+RUN_NAME = r"_(?P<stamp>\d{8}-\d{6})(?:_(?P<tag>\d+(?:_\d+)?))?(?:-(?P<clash>\d+))?"
+
+
 def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
-    """<output_dir>/<prefix>_<YYYYmmdd-HHMMSS>[_<SLURM_JOB_ID>], created (never reused)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(output_dir) / (f"{prefix}_{stamp}" + (f"_{job}" if job else ""))
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create the results folder {run_dir}: {error.strerror}; "
-            "pass a writable --output-dir"
-        ) from None
+    """A new <output_dir>/<prefix>_<YYYYmmdd-HHMMSS>[_<job tag>], or -2, -3, ... after it:
+    mkdir creates a folder or fails, so two runs started in the same second never share one."""
+    tag = job_tag()
+    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{tag}" if tag else "")
+    for attempt in range(1, 1000):
+        run_dir = Path(output_dir) / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as error:
+            message = f"cannot create {run_dir}: {error.strerror}; pass a writable --output-dir"
+            raise UserError(message) from None
+    raise UserError(f"{output_dir} already holds 999 folders named {name}-*")
+
+
+def new_run(output_dir: str | Path, config: dict) -> Path:
+    run_dir = make_run_dir(output_dir, RUN_PREFIX)
+    atomic_write_json(run_dir / RUN_RECORD, {"script": SCRIPTS[RUN_PREFIX], **config})
     return run_dir
 
 
-def find_resume_checkpoint(
-    resume: str | None, output_dir: str | Path, prefix: str, checkpoint_name: str
-) -> Path | None:
-    """--resume PATH -> PATH; 'auto' -> the newest <prefix>_* checkpoint of this SLURM job (or,
-    outside SLURM, of output_dir), None when there is none; no --resume -> None."""
-    if resume is None:
-        return None
+def read_run_record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {run_dir / RUN_RECORD}: {first_line(error)}") from None
+
+
+def run_state(run_dir: Path) -> str:
+    """'finished', 'resumable' (has a checkpoint), 'unstarted' (stopped or failed before its
+    first checkpoint) or 'foreign' (no run folder of this script)."""
+    try:
+        record = json.loads((run_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return "foreign"
+    if not isinstance(record, dict) or record.get("script") != SCRIPTS[RUN_PREFIX]:
+        return "foreign"
+    if (run_dir / FINISHED_RECORD).is_file():
+        return "finished"
+    if any(next(run_dir.glob(pattern), None) for pattern in PROGRESS_FILES):
+        return "resumable"
+    return "unstarted"
+
+
+def find_resume_run(resume: str | None, output_dir: str | Path) -> Path | None:
+    """--resume auto: the newest unfinished run with a checkpoint, of this SLURM job (or array
+    task) inside SLURM, of output_dir outside it; None if there is none. --resume PATH: that
+    run folder (or the one holding PATH), refused unless this script can continue it."""
     if resume != "auto":
-        path = Path(resume)
-        if path.is_dir():
-            path = path / checkpoint_name
-        if not path.is_file():
-            raise UserError(
-                f"--resume {resume}: no checkpoint file there; "
-                f"pass a {checkpoint_name} path or 'auto'"
-            )
-        return path
-    job = os.environ.get("SLURM_JOB_ID")
-    candidates = Path(output_dir).glob(f"{prefix}_*/{checkpoint_name}")
-    if job:
-        # make_run_dir names this job's folders "<prefix>_<stamp>_<job>", or "..._<job>-<n>" on
-        # a name clash; a glob "_<job>*" would also match other jobs (job 12 matching 123).
-        candidates = [
-            path
-            for path in candidates
-            if path.parent.name.endswith(f"_{job}")
-            or path.parent.name.rpartition("-")[0].endswith(f"_{job}")
-        ]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+        return None if resume is None else check_resumable(Path(resume))
+    found, tag = [], job_tag()
+    for folder in Path(output_dir).glob(f"{RUN_PREFIX}_*"):
+        match = re.fullmatch(RUN_PREFIX + RUN_NAME, folder.name)
+        if match and (tag is None or match["tag"] == tag) and run_state(folder) == "resumable":
+            found.append((match["stamp"], int(match["clash"] or 1), folder))
+    return max(found)[2] if found else None
+
+
+def check_resumable(path: Path) -> Path:
+    run_dir = next((p for p in (path, *path.parents[:2]) if (p / RUN_RECORD).is_file()), None)
+    state = "missing" if run_dir is None else run_state(run_dir)
+    problems = {
+        "missing": f"no run folder there (no {RUN_RECORD})",
+        "foreign": f"that run was not made by {SCRIPTS[RUN_PREFIX]}; resume it with its own script",
+        "finished": "that run is finished (metrics.json) and is never reopened: start a new run",
+        "unstarted": "that run stopped before its first checkpoint: start a new run",
+    }
+    if state in problems:
+        raise UserError(f"--resume {path}: {problems[state]}")
+    return run_dir
 
 
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The CPU generators only: every shuffle and initialisation draws from them, none from a
+    GPU's, so a checkpoint resumes on any number and kind of GPU."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
+    """Loss and accuracy per epoch (train and validation) and the learning rate of each step."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    for split, style in (("train", "o-"), ("val", "s--")):
+        axes[0].plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split)
+        accuracy = [100 * row[f"{split}_accuracy"] for row in history]
+        axes[1].plot(epochs, accuracy, style, label=split)
+    steps_per_epoch = len(lr_by_step) / max(1, len(history))
+    axes[2].plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step)
+    names = ("cross-entropy loss", "accuracy (%)", "learning rate (per step)")
+    for axis, name in zip(axes, names):
+        axis.set(xlabel="epoch", ylabel=name, title=name.split(" (")[0].capitalize())
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    axes[0].legend(), axes[1].legend()
+    for axis in axes:  # from 0: a one-epoch run gets integer ticks too (0 and 1, not 0.995)
+        axis.set_xlim(0, max(epochs, default=1) + 0.25)
+    figure.suptitle(title)
+    save_figure(figure, path)
+
+
+def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title: str) -> None:
+    """The errors (off the diagonal) on a colour scale of their own, so a handful of mistakes
+    shows beside thousands of right answers; counts in the cells for up to 20 classes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix, size = np.array(confusion, dtype=float), len(class_names)
+    errors = np.where(np.eye(size, dtype=bool) | (matrix == 0), np.nan, matrix)  # 0: white
+    most = max(1.0, np.nanmax(errors, initial=0))
+    figure, axis = plt.subplots(figsize=(max(6.5, size * 0.2 + 3), max(5.5, size * 0.2 + 2)))
+    image = axis.imshow(errors, cmap="Reds", vmin=0, vmax=most)
+    axis.imshow(np.where(np.eye(size, dtype=bool), 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
+    figure.colorbar(image, ax=axis, label="misclassified test images (count)")
+    fontsize = 9 if size <= 20 else 6
+    axis.set_xticks(range(size), class_names, fontsize=fontsize)
+    axis.set_yticks(range(size), class_names, fontsize=fontsize)
+    correct, total = int(np.trace(matrix)), int(matrix.sum())
+    axis.set(xlabel="predicted class", ylabel="true class")
+    axis.set_title(f"{title}\n{correct:,} of {total:,} correct (grey diagonal)")
+    for (row, column), value in np.ndenumerate(matrix if size <= 20 else np.zeros((0, 0))):
+        if value or row == column:
+            dark = row != column and value > most / 2
+            style = {
+                "color": "white" if dark else "black",
+                "weight": "bold" if row == column else "normal",
+            }
+            axis.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=7, **style)
+    save_figure(figure, path)
+
+
+def summarize_runs(run_dirs: list[str], output_dir: str | Path) -> Path:
+    """Mean, std (n - 1), min, max and n of each number in the finished runs' metrics.json,
+    written to a new <prefix>_summary_<stamp> folder; the runs may differ only in the seed."""
+    states = {Path(name): run_state(Path(name)) for name in run_dirs}
+    if "foreign" in states.values():
+        foreign = [str(d) for d, state in states.items() if state == "foreign"]
+        raise UserError(f"--summarize: not runs of {SCRIPTS[RUN_PREFIX]}: {', '.join(foreign)}")
+    finished = [d for d, state in states.items() if state == "finished"]
+    if not finished:
+        raise UserError("--summarize: none of these runs is finished (no metrics.json yet)")
+    records = [read_run_record(d) for d in finished]
+    settings = [{k: v for k, v in r["args"].items() if k not in NOT_SETTINGS} for r in records]
+    differing = sorted({k for s in settings for k in s if s.get(k) != settings[0].get(k)})
+    if differing:
+        raise UserError(
+            f"--summarize: these runs differ in more than the seed ({', '.join(differing)}); "
+            "summarise runs made with the same settings"
+        )
+    values = [flat_numbers(json.loads((d / FINISHED_RECORD).read_text())) for d in finished]
+    metrics = {}
+    for key in [key for key in values[0] if all(key in v for v in values)]:
+        column = [v[key] for v in values]
+        spread = statistics.stdev(column) if len(column) > 1 else 0.0
+        metrics[key] = {"mean": statistics.fmean(column), "std": spread, "n": len(column)}
+        metrics[key].update(min=min(column), max=max(column))
+    summary = {
+        "script": SCRIPTS[RUN_PREFIX],
+        "runs": [str(d) for d in finished],
+        "seeds": [r["args"]["seed"] for r in records],
+        "left_out_unfinished": [str(d) for d, state in states.items() if state != "finished"],
+        "settings": settings[0],
+        "metrics": metrics,
+    }
+    folder = make_run_dir(output_dir, f"{RUN_PREFIX}_summary")
+    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_text(folder / "summary.md", summary_markdown(summary))
+    plot_seed_curves(finished, summary["seeds"], folder / "summary.png")
+    return folder
+
+
+def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics.json, nested keys joined by '.' (no tables, no flags)."""
+    found = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict) and key != "per_class":
+            found.update(flat_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[prefix + key] = float(value)
+    return found
+
+
+def summary_markdown(summary: dict) -> str:
+    title = f"# {summary['script']}: {len(summary['runs'])} runs, seeds {summary['seeds']}"
+    lines = [title, "", "| metric | mean ± std | min | max | n |", "|---|---|---|---|---|"]
+    for key, s in summary["metrics"].items():
+        scale, unit = (100, " (%)") if key.endswith("accuracy") else (1, "")
+        mean, std, low, high = (scale * s[k] for k in ("mean", "std", "min", "max"))
+        lines.append(
+            f"| {key}{unit} | {mean:.4g} ± {std:.2g} | {low:.4g} | {high:.4g} | {s['n']} |"
+        )
+    if summary["left_out_unfinished"]:
+        lines += ["", "Left out (unfinished): " + ", ".join(summary["left_out_unfinished"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:
+    """Every run's validation accuracy per epoch, overlaid, one panel per history file."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    count = len(HISTORY_FILES)
+    figure, axes = plt.subplots(
+        1, count, figsize=(6 * count, 4), squeeze=False, layout="constrained"
+    )
+    for axis, name in zip(axes[0], HISTORY_FILES):
+        for run_dir, seed in [(d, s) for d, s in zip(run_dirs, seeds) if (d / name).is_file()]:
+            with open(run_dir / name, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            accuracy = [100 * float(row["val_accuracy"]) for row in rows]
+            axis.plot([int(row["epoch"]) for row in rows], accuracy, "o-", label=f"seed {seed}")
+        axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title=name)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        if axis.lines:  # none when no run has this file (linear_probe-only ResNet runs)
+            axis.legend()
+            last = max(max(line.get_xdata()) for line in axis.lines)
+            axis.set_xlim(0, last + 0.25)  # from 0: integer ticks for one epoch too
+    figure.suptitle(f"{SCRIPTS[RUN_PREFIX]}: validation accuracy of {len(run_dirs)} seeds")
+    save_figure(figure, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs of this script: checkpoint, metrics, misclassified images
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, model: CNN, optimizer: SGD, state: dict) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": state,
+        "rng": capture_rng_state(),
+    }
+    atomic_torch_save(payload, run_dir / CHECKPOINT_NAME)
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        missing = {"model", "optimizer", "state", "rng"} - set(checkpoint)
+    except Exception as error:  # unreadable, truncated, not a torch file
+        raise UserError(
+            f"cannot read the checkpoint {path} ({type(error).__name__}: {first_line(error)}); "
+            "start a new run without --resume"
+        ) from None
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of this script (no {', '.join(missing)})")
+    return checkpoint
 
 
 def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> dict:
@@ -1285,65 +1672,78 @@ def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, num_cl
     }
 
 
-def plot_training_curves(history: list[dict], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for split in ("train", "val"):
-        loss_axis.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
-        accuracy_axis.plot(
-            epochs, [100 * row[f"{split}_accuracy"] for row in history], marker="o", label=split
-        )
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    for axis in (loss_axis, accuracy_axis):
-        axis.set_xticks(epochs)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    save_figure(figure, path)
-
-
-def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    matrix = torch.tensor(confusion, dtype=torch.float64)
-    figure, axis = plt.subplots(figsize=(7, 6))
-    image = axis.imshow(matrix.numpy(), cmap="Blues")
-    figure.colorbar(image, ax=axis)
-    ticks = range(len(class_names))
-    axis.set(xticks=ticks, yticks=ticks, xticklabels=class_names, yticklabels=class_names)
-    axis.set(xlabel="predicted", ylabel="true", title="Test confusion matrix (counts)")
-    threshold = matrix.max().item() / 2
-    for row in ticks:
-        for column in ticks:
-            value = int(matrix[row, column])
-            if value:
-                color = "white" if value > threshold else "black"
-                axis.text(
-                    column, row, str(value), ha="center", va="center", fontsize=7, color=color
-                )
-    save_figure(figure, path)
-
-
 def plot_misclassified(
-    images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, path: Path, limit: int = 36
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    predicted: torch.Tensor,
+    probabilities: torch.Tensor,
+    path: Path,
+    limit: int = 36,
 ) -> None:
+    """The most confident mistakes first, each with its true class, the predicted one and the
+    probability the network gave it."""
     import matplotlib.pyplot as plt
 
-    wrong = (predicted != labels).nonzero().flatten()[:limit].cpu()
+    labels, predicted, probabilities = labels.cpu(), predicted.cpu(), probabilities.cpu()
+    wrong = (predicted != labels).nonzero().flatten()
+    shown = wrong[probabilities[wrong].argsort(descending=True, stable=True)][:limit]
     columns = 6
-    rows = max(1, math.ceil(len(wrong) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8), squeeze=False)
+    rows = max(1, math.ceil(len(shown) / columns))
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(columns * 1.7, rows * 1.9 + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
     for axis in axes.flat:
         axis.axis("off")
-    for axis, index in zip(axes.flat, wrong.tolist()):
+    for axis, index in zip(axes.flat, shown.tolist()):
         axis.imshow(images[index].cpu().numpy(), cmap="gray")
-        axis.set_title(f"true {int(labels[index])} / pred {int(predicted[index])}", fontsize=8)
-    if not len(wrong):
-        axes[0, 0].set_title("no misclassified test images")
-    figure.suptitle(f"Misclassified test images (first {len(wrong)})")
+        axis.set_title(
+            f"true {int(labels[index])}, predicted {int(predicted[index])}\n"
+            f"p = {float(probabilities[index]):.2f}",
+            fontsize=8,
+        )
+    figure.suptitle(
+        f"{len(shown)} of {len(wrong)} misclassified test images, most confident first "
+        "(p: the predicted class's probability)"
+    )
     save_figure(figure, path)
+
+
+def write_results(args, model: CNN, data: dict, state: dict, run_dir: Path) -> dict:
+    """Test-set evaluation, history, plots, then metrics.json: written last, it marks the run
+    finished, so a run killed before it is resumed and writes them all again."""
+    test_x, test_y = data["test"]
+    test = evaluate(model, test_x, test_y)
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        **classification_metrics(test_y, test["predictions"], 10),
+        "train_time_s": state["train_time_s"],
+        "images_per_s": sum(row["seconds"] * row["images_per_s"] for row in state["history"])
+        / max(state["train_time_s"], 1e-9),
+        "epochs": args.epochs,
+        "layers": args.layers,
+        "test_images": len(test_y),
+    }
+    title = f"cnn_from_scratch.py ({args.layers} layers), seed {args.seed}"
+    write_csv(run_dir / "history.csv", state["history"])
+    plot_training_curves(
+        state["history"], state["lr_by_step"], run_dir / "training_curves.png", title
+    )
+    plot_confusion_matrix(
+        metrics["confusion_matrix"],
+        [str(k) for k in range(10)],
+        run_dir / "confusion_matrix.png",
+        f"Test confusion matrix, {title}",
+    )
+    plot_misclassified(
+        test_x, test_y, test["predictions"], test["probabilities"], run_dir / "misclassified.png"
+    )
+    atomic_write_json(run_dir / FINISHED_RECORD, metrics)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -1351,166 +1751,93 @@ def plot_misclassified(
 # --------------------------------------------------------------------------------------------
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if not 0 <= args.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1), got {args.momentum}")
-    if args.weight_decay < 0 or args.warmup_epochs < 0:
-        raise UserError("--weight-decay and --warmup-epochs must not be negative")
-
-
-def merge_resumed_args(
-    args: argparse.Namespace, saved: dict, parser: argparse.ArgumentParser
-) -> None:
-    """Take the run-defining hyperparameters from the checkpoint; refuse explicit contradictions."""
-    for name in RUN_DEFINING_ARGS:
-        given, default, recorded = getattr(args, name), parser.get_default(name), saved[name]
-        if given != default and given != recorded:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{flag} {given} contradicts the checkpoint being resumed, which was made with "
-                f"{flag} {recorded}; resume with the same arguments, or start a new run "
-                "without --resume"
-            )
-        setattr(args, name, recorded)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    try:
-        return run(args, parser)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return USAGE_EXIT_CODE
+    args.explicit = sorted(explicit_options(parser, argv))
+    return run_main(run, args)
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    # Signals are caught from the start: one that arrives during the data load does not kill
-    # the job (training then stops after its first step, resumable), and one that arrives
-    # during the final evaluation lets it finish.
-    with StopSignal() as stop:
-        return train_and_report(args, parser, stop)
+def open_run(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None, dict | None]:
+    """The run folder and checkpoint to continue (args then take its settings), or None, None."""
+    run_dir = find_resume_run(args.resume, args.output_dir)
+    if run_dir is None:
+        if args.resume == "auto":
+            log("resume: no unfinished run found, starting a new run")
+        return None, None
+    recorded = read_run_record(run_dir)["args"]
+    merge_resumed_args(args, recorded, explicit)
+    if "data_dir" not in explicit:  # so that the printed `--resume <run>` works as it is
+        args.data_dir = recorded["data_dir"]
+    checkpoint = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    removed = remove_stale_temp_files(run_dir)
+    if removed:
+        log(f"resume: removed {removed} temporary files of an interrupted write")
+    return run_dir, checkpoint
 
 
-def train_and_report(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, stop: StopSignal
-) -> int:
-    validate_args(args)
+def run(args: argparse.Namespace, stop: StopSignal) -> int:
+    explicit = set(args.explicit)
+    del args.explicit
+    if args.check_gradients:
+        lines, within = check_gradients()
+        for line in lines:
+            log(line)
+        return 0 if within else FAILURE_EXIT_CODE
+    if args.summarize:
+        log(f"summary: {summarize_runs(args.summarize, args.output_dir)}")
+        return 0
+    offset = apply_array_seed(args)
+    if offset:
+        log(f"seed: --seed + SLURM array task {offset} = {args.seed}")
+    run_dir, checkpoint = open_run(args, explicit)
     device = select_device(args.device)
-    resume_path = find_resume_checkpoint(args.resume, args.output_dir, RUN_PREFIX, CHECKPOINT_NAME)
-    checkpoint = None
-    if resume_path is not None:
-        try:
-            checkpoint = torch.load(resume_path, map_location="cpu", weights_only=False)
-            merge_resumed_args(args, checkpoint["config"]["args"], parser)
-        except UserError:
-            raise
-        except Exception as error:
-            raise UserError(f"cannot read checkpoint {resume_path}: {error}") from None
     environment = environment_summary(device)
     log("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None))
-
-    seed_everything(args.seed)
-    train_images, train_labels = load_mnist(args.data_dir, train=True)
-    test_images, test_labels = load_mnist(args.data_dir, train=False)
-    (train_x, train_y), (val_x, val_y) = split_train_val(
-        train_images, train_labels, args.val_size, args.seed
+    data = load_data(args, device)
+    sizes = ", ".join(f"{len(x)} {name}" for name, (x, _) in data.items())
+    log(f"data: {sizes} images, uint8 on {device}")
+    model = CNN(
+        layers=args.layers, device=device, generator=torch.Generator().manual_seed(args.seed)
     )
-    data = {
-        "train": (train_x.to(device), train_y.to(device)),
-        "val": (val_x.to(device), val_y.to(device)),
-        "test": (test_images.to(device), test_labels.to(device)),
-    }
-    log(
-        f"data: {len(train_x)} train, {len(val_x)} val, {len(test_images)} test images, "
-        f"uint8 on {device}"
-    )
-
-    model = CNN(device=device, generator=torch.Generator().manual_seed(args.seed))
     optimizer = SGD(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    log(f"model: {model.num_parameters():,} parameters; {len(model.layers)} hand-written layers")
-    state = {"epoch": 0, "step_in_epoch": 0, "history": [], "train_time_s": 0.0}
-    config = {"args": vars(args), "environment": environment, "parameters": model.num_parameters()}
+    log(f"model: {model.num_parameters():,} parameters, {args.layers} hand-written layers")
+    state = new_training_state()
     if checkpoint is not None:
-        run_dir = resume_path.parent
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
         restore_rng_state(checkpoint["rng"])
-        log(f"resumed {resume_path} at epoch {state['epoch']} step {state['step_in_epoch']}")
+        log(f"resumed {run_dir} at epoch {state['epoch']} step {state['step_in_epoch']}")
     else:
-        if args.resume == "auto":
-            log("resume: no checkpoint found, starting a new run")
-        run_dir = make_run_dir(args.output_dir, RUN_PREFIX)
-        atomic_write_json(run_dir / "config.json", config)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        config = {
+            "args": vars(args),
+            "environment": environment,
+            "parameters": model.num_parameters(),
+        }
+        run_dir = new_run(args.output_dir, config)
     log(f"run folder: {run_dir}")
-
-    def save_checkpoint() -> None:
-        atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "state": state,
-                "rng": capture_rng_state(),
-                "config": config,
-            },
-            checkpoint_path,
-        )
-
-    def on_epoch_end(row: dict) -> None:
-        write_csv(run_dir / "history.csv", state["history"])
-        log(
-            f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} "
-            f"acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.4g}  "
-            f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
-        )
-
-    outcome = train(args, model, optimizer, data, state, save_checkpoint, stop, on_epoch_end)
+    outcome = train(args, model, optimizer, data, state, stop, run_dir)
     if outcome == "diverged":
+        kept = (
+            f"the last good checkpoint (epoch {state['epoch']}) is kept in {run_dir}"
+            if state["epoch"]
+            else "no checkpoint was written (that needs a finished epoch)"
+        )
         print(
-            f"error: the training loss became NaN/inf in epoch {state['epoch'] + 1}; "
-            f"the last good checkpoint is kept at {checkpoint_path}. Lower --lr "
-            f"(now {args.lr}) or raise --warmup-epochs.",
+            f"error: the training loss became NaN/inf in epoch {state['epoch'] + 1}; {kept}. "
+            f"Lower --lr (now {args.lr}) or raise --warmup-epochs",
             file=sys.stderr,
             flush=True,
         )
         return DIVERGED_EXIT_CODE
     if outcome == "stopped":
-        log(
-            f"stopped by {stop.received}: checkpoint written to {checkpoint_path}; "
-            "continue with --resume auto"
-        )
-        log(f"results: {run_dir}")
-        return RESUMABLE_EXIT_CODE
-
-    test = evaluate(model, *data["test"])
-    metrics = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        **classification_metrics(data["test"][1], test["predictions"], 10),
-        "train_time_s": state["train_time_s"],
-        "images_per_s": sum(row["seconds"] * row["images_per_s"] for row in state["history"])
-        / max(state["train_time_s"], 1e-9),
-        "epochs": args.epochs,
-        "test_images": len(test_labels),
-    }
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    plot_training_curves(state["history"], run_dir / "training_curves.png")
-    plot_confusion_matrix(
-        metrics["confusion_matrix"], [str(k) for k in range(10)], run_dir / "confusion_matrix.png"
-    )
-    plot_misclassified(
-        test_images, test_labels, test["predictions"].cpu(), run_dir / "misclassified.png"
-    )
+        for line in stop_lines(stop, run_dir):
+            log(line)
+        return stop.exit_code
+    metrics = write_results(args, model, data, state, run_dir)
     log(
         f"test accuracy {100 * metrics['test_accuracy']:.2f}%  loss {metrics['test_loss']:.4f}  "
         f"macro F1 {metrics['macro_f1']:.4f}  train time {metrics['train_time_s']:.1f}s "

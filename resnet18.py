@@ -1432,7 +1432,9 @@ def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, titl
         axis.set(xlabel="epoch", ylabel=name, title=name.split(" (")[0].capitalize())
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-    axes[0].legend(), axes[1].legend(), axes[2].set_xlim(left=0)
+    axes[0].legend(), axes[1].legend()
+    for axis in axes:  # from 0: a one-epoch run gets integer ticks too (0 and 1, not 0.995)
+        axis.set_xlim(0, max(epochs, default=1) + 0.25)
     figure.suptitle(title)
     save_figure(figure, path)
 
@@ -1552,6 +1554,8 @@ def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:
         axis.grid(alpha=0.3)
         if axis.lines:  # none when no run has this file (linear_probe-only ResNet runs)
             axis.legend()
+            last = max(max(line.get_xdata()) for line in axis.lines)
+            axis.set_xlim(0, last + 0.25)  # from 0: integer ticks for one epoch too
     figure.suptitle(f"{SCRIPTS[RUN_PREFIX]}: validation accuracy of {len(run_dirs)} seeds")
     save_figure(figure, path)
 

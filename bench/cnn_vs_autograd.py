@@ -1,19 +1,18 @@
-"""From-scratch CNN vs the same network in torch.nn + autograd: training throughput and accuracy.
+"""The from-scratch CNN's fast and reference layers vs the same network in torch.nn + autograd.
 
-Both networks get the same architecture, initial weights, data (real MNIST, uint8 on the
-device, normalised per batch), batch size, SGD (Nesterov momentum, weight decay) and learning
-rate schedule. Throughput is measured in one process, interleaved (the order alternates every
-repeat), after a warmup, as the median of the repeats; then each trains for --epochs epochs
-and is evaluated on the test set.
+All three get the same architecture, initial weights, data (real MNIST, uint8 on the device,
+normalised per batch), batch size, SGD (Nesterov momentum, weight decay) and learning rate
+schedule. Throughput is measured in one process, interleaved (the order rotates every repeat),
+after a warmup repeat; each ratio to torch.nn is the median over the repeats of the ratio
+within a repeat, so a busy moment of a shared machine slows both sides of it. Then each
+trains for --epochs epochs and is evaluated on the test set.
 
     python bench/cnn_vs_autograd.py --data-dir ../shared/data
-    python bench/cnn_vs_autograd.py --data-dir ../shared/data --device cuda
-    python bench/cnn_vs_autograd.py --data-dir ../shared/data --epochs 0 --layers
+    python bench/cnn_vs_autograd.py --data-dir ../shared/data --epochs 0 --per-layer
 
-It also prints each side's time per step over the repeats (min, median, max) and, with
---layers, the median time of each from-scratch layer's forward and backward.
-
-The last line printed is the throughput ratio, from-scratch / torch.nn.
+It prints each side's time per step over the repeats (min, median, max), with --per-layer
+the median time of each method of the fast network's layers, and last the throughput ratio
+fast / torch.nn.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cnn_from_scratch as scratch  # noqa: E402
 
+KINDS = ("fast", "reference", "torch.nn")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,15 +41,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--batch-size", type=int, default=640)
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats")
+    parser.add_argument("--repeats", type=int, default=11, help="interleaved timed repeats")
     parser.add_argument(
         "--epochs", type=int, default=5, help="epochs for the accuracy run (0: skip)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--layers",
+        "--per-layer",
         action="store_true",
-        help="also time each from-scratch layer's forward and backward (median per step)",
+        help="also time each method of the fast network's layers (median per step)",
     )
     return parser
 
@@ -76,29 +77,28 @@ def torch_nn_twin(model: scratch.CNN) -> nn.Sequential:
 
 
 class Trainer:
-    """One training step and test evaluation for either implementation, same schedule."""
+    """One training step and test evaluation for any of KINDS, the script's default schedule."""
 
     def __init__(self, kind: str, args, device: torch.device, steps_per_epoch: int):
         self.kind, self.args, self.device = kind, args, device
-        self.model = scratch.CNN(device=device, generator=torch.Generator().manual_seed(args.seed))
-        # The script's own defaults (the reported run): learning rate, momentum, weight decay,
-        # warmup, then cosine decay over --epochs.
+        layers = "fast" if kind == "torch.nn" else kind
+        generator = torch.Generator().manual_seed(args.seed)
+        self.model = scratch.CNN(layers=layers, device=device, generator=generator)
         defaults = scratch.get_args_parser().parse_args([])
         self.total_steps = steps_per_epoch * max(1, args.epochs)
         self.warmup_steps = max(1, round(defaults.warmup_epochs * steps_per_epoch))
-        self.step_count = 0
-        self.peak_lr = defaults.lr
+        self.step_count, self.peak_lr = 0, defaults.lr
         hyper = {
             "lr": defaults.lr,
             "momentum": defaults.momentum,
             "weight_decay": defaults.weight_decay,
         }
-        if kind == "scratch":
-            self.optimizer = scratch.SGD(self.model, **hyper)
-            self.loss_fn = scratch.SoftmaxCrossEntropy()
-        else:
+        if kind == "torch.nn":
             self.model = torch_nn_twin(self.model)
             self.optimizer = torch.optim.SGD(self.model.parameters(), nesterov=True, **hyper)
+        else:
+            self.optimizer = scratch.SGD(self.model, **hyper)
+            self.loss_fn = scratch.SoftmaxCrossEntropy()
 
     def step(self, x_uint8: torch.Tensor, y: torch.Tensor) -> None:
         lr = scratch.learning_rate(
@@ -106,24 +106,22 @@ class Trainer:
         )
         self.step_count += 1
         x = scratch.preprocess(x_uint8)
-        if self.kind == "scratch":
-            with torch.no_grad():
-                self.optimizer.lr = lr
-                loss = self.loss_fn.forward(self.model.forward(x), y)
-                self.model.backward(self.loss_fn.backward())
-                self.optimizer.step()
-        else:
+        if self.kind == "torch.nn":
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
+            F.cross_entropy(self.model(x), y).backward()
             self.optimizer.step()
-        return loss
+            return
+        with torch.no_grad():
+            self.optimizer.lr = lr
+            self.loss_fn.forward(self.model.forward(x), y)
+            self.model.backward(self.loss_fn.backward())
+            self.optimizer.step()
 
     @torch.no_grad()
     def test_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        if self.kind == "scratch":
+        if self.kind != "torch.nn":
             return scratch.evaluate(self.model, images, labels)["accuracy"]
         correct = 0
         for start in range(0, len(images), 2000):
@@ -137,42 +135,56 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def layer_times(trainer: Trainer, batches, train_x, train_y, device) -> dict[str, float]:
-    """Median milliseconds per step of each from-scratch layer's forward and backward (and of
-    the first convolution's weight gradient taken through its ReLU and max-pool), measured by
-    wrapping the methods of the trainer's model, and of the whole step."""
-    times: dict[str, list[float]] = {}
+class Timed:
+    """A layer method that records how long each call took (milliseconds)."""
 
-    def timed(name: str, function):
-        def wrapper(*args, **kwargs):
+    def __init__(self, function, times: list[float], device: torch.device):
+        self.function, self.times, self.device = function, times, device
+
+    def __call__(self, *args, **kwargs):
+        synchronize(self.device)
+        started = time.perf_counter()
+        result = self.function(*args, **kwargs)
+        synchronize(self.device)
+        self.times.append(1000 * (time.perf_counter() - started))
+        return result
+
+
+METHODS = ("forward", "backward", "relu_mask", "weight_grad_through_pool")
+
+
+def layer_times(trainer: Trainer, batches, train_x, train_y, device) -> dict[str, float]:
+    """Median milliseconds per step of each method of the fast network's layers that a step
+    calls, and of the whole step."""
+    times: dict[str, list[float]] = {}
+    for index, layer in enumerate(trainer.model.layers):
+        for method in [m for m in METHODS if hasattr(layer, m)]:
+            name = f"{index} {type(layer).__name__}.{method}"
+            setattr(
+                layer, method, Timed(getattr(layer, method), times.setdefault(name, []), device)
+            )
+    step = Timed(trainer.step, times.setdefault("whole step", []), device)
+    for index in batches:
+        step(train_x[index], train_y[index])
+    warmup = min(5, len(batches) // 2)  # the first steps allocate and warm the caches
+    return {name: statistics.median(v[warmup:]) for name, v in times.items() if v[warmup:]}
+
+
+def throughput(args, trainers: dict, batches, train_x, train_y, device) -> dict[str, list]:
+    """Seconds of each repeat of `steps` steps, per kind, interleaved in rotating order."""
+    seconds = {kind: [] for kind in trainers}
+    for repeat in range(args.repeats + 1):  # repeat 0 is warmup
+        shift = repeat % len(trainers)
+        for kind in [*trainers][shift:] + [*trainers][:shift]:
             synchronize(device)
             started = time.perf_counter()
-            result = function(*args, **kwargs)
+            for step in range(args.steps):
+                index = batches[(repeat * args.steps + step) % len(batches)]
+                trainers[kind].step(train_x[index], train_y[index])
             synchronize(device)
-            times.setdefault(name, []).append(1000 * (time.perf_counter() - started))
-            return result
-
-        return wrapper
-
-    model = trainer.model
-    for index, layer in enumerate(model.layers):
-        for method in ("forward", "backward"):
-            name = f"{index} {type(layer).__name__} {method}"
-            setattr(layer, method, timed(name, getattr(layer, method)))
-    through_pool = scratch.conv_weight_grad_through_pool
-    scratch.conv_weight_grad_through_pool = timed(
-        "0-2 Conv2D weight gradient through ReLU + MaxPool2D", through_pool
-    )
-    step = timed("whole step", trainer.step)
-    try:
-        for index in batches:
-            step(train_x[index], train_y[index])
-    finally:
-        scratch.conv_weight_grad_through_pool = through_pool
-        for layer in model.layers:
-            del layer.forward, layer.backward
-    warmup = min(5, len(batches) // 2)  # the first steps allocate and warm the caches
-    return {name: statistics.median(values[warmup:]) for name, values in times.items()}
+            if repeat:
+                seconds[kind].append(time.perf_counter() - started)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,30 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} CPU threads, batch {args.batch_size}",
         flush=True,
     )
-
-    # Throughput: fresh trainers, interleaved timed repeats of `steps` steps each.
-    trainers = {
-        kind: Trainer(kind, args, device, steps_per_epoch) for kind in ("scratch", "torch.nn")
-    }
+    trainers = {kind: Trainer(kind, args, device, steps_per_epoch) for kind in KINDS}
     generator = torch.Generator().manual_seed(args.seed)
     batches = list(
         torch.randperm(len(train_x), generator=generator).to(device).split(args.batch_size)
     )
     batches = [b for b in batches if len(b) == args.batch_size]
-    seconds = {kind: [] for kind in trainers}
-    for repeat in range(args.repeats + 1):  # repeat 0 is warmup
-        order = list(trainers) if repeat % 2 == 0 else list(reversed(trainers))
-        for kind in order:
-            synchronize(device)
-            started = time.perf_counter()
-            for step in range(args.steps):
-                index = batches[(repeat * args.steps + step) % len(batches)]
-                trainers[kind].step(train_x[index], train_y[index])
-            synchronize(device)
-            if repeat:
-                seconds[kind].append(time.perf_counter() - started)
-    images = args.steps * args.batch_size
-    rate = {kind: images / statistics.median(times) for kind, times in seconds.items()}
+    seconds = throughput(args, trainers, batches, train_x, train_y, device)
     for kind, times in seconds.items():
         per_step = sorted(1000 * t / args.steps for t in times)
         print(
@@ -220,32 +215,33 @@ def main(argv: list[str] | None = None) -> int:
             f"median {statistics.median(per_step):.1f}, max {per_step[-1]:.1f}",
             flush=True,
         )
-
-    if args.layers:
-        trainer = Trainer("scratch", args, device, steps_per_epoch)
+    images = args.steps * args.batch_size
+    rate = {kind: images / statistics.median(times) for kind, times in seconds.items()}
+    ratio = {
+        kind: statistics.median(t / s for s, t in zip(times, seconds["torch.nn"]))
+        for kind, times in seconds.items()
+    }
+    if args.per_layer:
+        trainer = Trainer("fast", args, device, steps_per_epoch)
         count = args.steps * args.repeats
         medians = layer_times(trainer, batches[:count], train_x, train_y, device)
-        print(f"from-scratch step by layer, median of {count} steps (ms):")
+        print(f"fast step by layer, median of {count} steps (ms):")
         for name, milliseconds in medians.items():
-            print(f"  {name:<52}{milliseconds:7.2f}", flush=True)
-
+            print(f"  {name:<46}{milliseconds:7.2f}", flush=True)
     accuracy = {}
-    if args.epochs:
-        for kind in trainers:
-            trainer = Trainer(kind, args, device, steps_per_epoch)
-            for epoch in range(args.epochs):
-                generator = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
-                for index in scratch.iterate_batches(
-                    len(train_x), args.batch_size, generator, device
-                ):
-                    trainer.step(train_x[index], train_y[index])
-            accuracy[kind] = trainer.test_accuracy(test_x, test_y)
-
-    print(f"{'implementation':<16}{'train images/s':>16}{'test accuracy':>16}")
-    for kind in trainers:
+    for kind in KINDS if args.epochs else ():
+        trainer = Trainer(kind, args, device, steps_per_epoch)
+        for epoch in range(args.epochs):
+            shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
+            order = torch.randperm(len(train_x), generator=shuffle).to(device)
+            for index in order.split(args.batch_size):
+                trainer.step(train_x[index], train_y[index])
+        accuracy[kind] = trainer.test_accuracy(test_x, test_y)
+    print(f"{'implementation':<16}{'train images/s':>16}{'vs torch.nn':>13}{'test accuracy':>15}")
+    for kind in KINDS:
         shown = f"{100 * accuracy[kind]:.2f}%" if kind in accuracy else "-"
-        print(f"{kind:<16}{rate[kind]:>16,.0f}{shown:>16}")
-    print(f"throughput ratio from-scratch / torch.nn: {rate['scratch'] / rate['torch.nn']:.2f}x")
+        print(f"{kind:<16}{rate[kind]:>16,.0f}{ratio[kind]:>12.2f}x{shown:>15}")
+    print(f"throughput ratio fast / torch.nn: {ratio['fast']:.2f}x")
     return 0
 
 
