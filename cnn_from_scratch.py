@@ -151,7 +151,7 @@ def select_device(name: str) -> torch.device:
         try:
             smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError) as error:
-            found = f"nvidia-smi does not run ({first_line(error)}): is an NVIDIA driver there?"
+            found = f"nvidia-smi does not run here ({first_line(error)})"
         else:
             lines = [line.strip() for line in (smi.stdout or smi.stderr).splitlines()]
             found = f"nvidia-smi reports {'; '.join(filter(None, lines)) or 'nothing'}"
@@ -1583,13 +1583,16 @@ def summary_markdown(summary: dict) -> str:
     lines = [title, "", "| metric | mean ± std | min | max | n |", "|---|---|---|---|---|"]
     for key, s in summary["metrics"].items():
         scale, unit = (100, " (%)") if key.endswith("accuracy") else (1, "")
-        mean, std, low, high = (scale * s[k] for k in ("mean", "std", "min", "max"))
-        lines.append(
-            f"| {key}{unit} | {mean:.4g} ± {std:.2g} | {low:.4g} | {high:.4g} | {s['n']} |"
-        )
+        mean, std, low, high = (readable(scale * s[k]) for k in ("mean", "std", "min", "max"))
+        lines.append(f"| {key}{unit} | {mean} ± {std} | {low} | {high} | {s['n']} |")
     if summary["left_out_unfinished"]:
         lines += ["", "Left out (unfinished): " + ", ".join(summary["left_out_unfinished"])]
     return "\n".join(lines) + "\n"
+
+
+def readable(value: float) -> str:
+    """4 significant digits, thousands grouped: 98.71, 0.0431, 14,338 (not 1.434e+04)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:

@@ -280,3 +280,38 @@ def test_a_signal_during_the_imports_stops_the_run_resumably(name, tiny_inputs, 
     run_dir = Path(last.removeprefix("stopped: "))
     assert script.run_state(run_dir) == "resumable"
     assert f"--resume {run_dir}" in out
+
+
+def test_summary_of_three_real_mnist_runs_equals_a_hand_computation(tmp_path, capsys):
+    """Three 1-epoch CNN runs on real MNIST, one unfinished run beside them, then a run made
+    with other settings: the summary's numbers are the three metrics.json's, by hand."""
+    mnist = REPO.parent / "shared" / "data"
+    if not (mnist / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip("needs the real MNIST in ../shared/data")
+    runs = tmp_path / "runs"
+    base = ["--data-dir", str(mnist), "--output-dir", str(runs), "--epochs", "1", "--device", "cpu"]
+    for seed in ("0", "1", "2"):
+        assert cnn_from_scratch.main([*base, "--seed", seed]) == 0
+    finished = sorted(runs.iterdir())
+    unfinished = make_run(cnn_from_scratch, runs, "resumable", "20200101-000000")
+    capsys.readouterr()
+    summary_args = ["--summarize", *map(str, finished), str(unfinished), "--output-dir"]
+    assert cnn_from_scratch.main([*summary_args, str(tmp_path / "summaries")]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: "))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["left_out_unfinished"] == [str(unfinished)]
+    for key in ("test_accuracy", "test_loss", "macro_f1"):
+        values = [json.loads((d / "metrics.json").read_text())[key] for d in finished]
+        mean = sum(values) / 3
+        std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+        expected = {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": 3}
+        assert summary["metrics"][key] == pytest.approx(expected, rel=1e-12), key
+    assert (
+        f"| test_accuracy (%) | {100 * summary['metrics']['test_accuracy']['mean']:.4g} ±"
+        in (folder / "summary.md").read_text()
+    )
+    assert (folder / "summary.png").stat().st_size > 10_000
+    assert cnn_from_scratch.main([*base, "--seed", "3", "--lr", "0.05"]) == 0
+    other = max(runs.glob("cnn_*"), key=lambda d: d.stat().st_mtime)
+    code = cnn_from_scratch.main(["--summarize", str(finished[0]), str(other)])
+    assert code == 2 and "differ in more than the seed (lr)" in capsys.readouterr().err

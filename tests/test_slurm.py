@@ -255,7 +255,8 @@ def last_line(text: str) -> str:
 
 
 def cnn_args(mnist: Path) -> list:
-    return ["--epochs", CNN_EPOCHS, "--val-size", "50000", "--data-dir", mnist]
+    # --device cpu: the test cluster's GPUs are fake, and `auto` refuses GPUs it cannot use.
+    return ["--epochs", CNN_EPOCHS, "--val-size", "50000", "--data-dir", mnist, "--device", "cpu"]
 
 
 def assert_same_cnn_results(folder: Path, reference: Path) -> None:
