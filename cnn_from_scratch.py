@@ -1231,9 +1231,10 @@ def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[s
         given, made_with = getattr(args, name), recorded.get(name, getattr(args, name))
         if name in explicit and given != made_with:
             flag = "--" + name.replace("_", "-")
+            made = f"{flag} {made_with}" if made_with is not None else f"no {flag} (its default)"
             raise UserError(
-                f"{flag} {given} contradicts the run being resumed, which was made with {flag} "
-                f"{made_with}: drop {flag} to continue it, or start a new run without --resume"
+                f"{flag} {given} contradicts the run being resumed, which was made with {made}: "
+                f"drop {flag} to continue it, or start a new run without --resume"
             )
         setattr(args, name, made_with)
 
@@ -1252,20 +1253,23 @@ class StopSignal:
     A second Ctrl-C aborts at once; a second SIGTERM/SIGUSR1 changes nothing."""
 
     def __enter__(self) -> StopSignal:
-        self.received, self.previous = None, {}
+        self.received, self.previous, self.exited = None, {}, False
         for number in STOP_SIGNALS:
             self.previous[number] = signal.signal(number, self.handle)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # those held since startup
         return self
 
     def __exit__(self, *exc) -> None:
-        for number, handler in self.previous.items():
+        # After a stop the handlers stay and ignore what comes: a late signal while Python shuts
+        # down must not kill it (exit 143 where the SLURM wrapper waits for 75).
+        self.exited = True
+        for number, handler in self.previous.items() if self.received is None else ():
             signal.signal(number, handler)
 
     def handle(self, number: int, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(number).name
-        elif number == signal.SIGINT:
+        elif number == signal.SIGINT and not self.exited:
             raise KeyboardInterrupt
 
     @property
@@ -1560,6 +1564,8 @@ def summarize_runs(run_dirs: list[str], output_dir: str | Path) -> Path:
         "settings": settings[0],
         "metrics": metrics,
     }
+    for run_dir in summary["left_out_unfinished"]:
+        log(f"--summarize: left out {run_dir}: not finished (no {FINISHED_RECORD})")
     folder = make_run_dir(output_dir, f"{RUN_PREFIX}_summary")
     atomic_write_json(folder / "summary.json", summary)
     atomic_write_text(folder / "summary.md", summary_markdown(summary))
@@ -1851,4 +1857,9 @@ def run(args: argparse.Namespace, stop: StopSignal) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Python's shutdown resets handled signals to their defaults: ignore stop signals from
+    # here on, so that a late one cannot kill the exiting process (143 where 75 was meant).
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)

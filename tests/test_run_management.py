@@ -205,7 +205,7 @@ def test_csv_numbers_have_no_float_noise(script, tmp_path):
 
 
 def test_stop_signal_first_one_counts_a_second_ctrl_c_aborts(script):
-    before = signal.getsignal(signal.SIGINT)
+    before = {number: signal.getsignal(number) for number in script.STOP_SIGNALS}
     with script.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGUSR1)  # a second stop signal changes nothing
@@ -215,7 +215,13 @@ def test_stop_signal_first_one_counts_a_second_ctrl_c_aborts(script):
         assert stop.received == "SIGINT" and stop.exit_code == script.INTERRUPTED_EXIT_CODE
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler raises here
-    assert signal.getsignal(signal.SIGINT) is before
+    os.kill(os.getpid(), signal.SIGINT)  # after a stop, late signals are ignored (not 75 -> 143)
+    time.sleep(0.1)
+    for number, handler in before.items():
+        signal.signal(number, handler)
+    with script.StopSignal() as stop:  # no signal: the handlers before it come back
+        pass
+    assert all(signal.getsignal(number) is handler for number, handler in before.items())
 
 
 def test_array_tasks_train_their_own_seed(script, monkeypatch):
@@ -245,7 +251,8 @@ def tiny_inputs(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_a_signal_during_the_imports_stops_the_run_resumably(name, tiny_inputs, tmp_path):
     """SIGTERM sent while the script is still importing torch (once it holds the stop signals,
-    which is its first act): the run starts, takes a step, checkpoints and exits 75."""
+    which is its first act): the run starts, takes a step, checkpoints and exits 75; more
+    SIGTERMs once it has said `stopped:` (while it shuts down) keep the 75."""
     script = SCRIPTS[name]
     if name == "cnn":
         if not (tiny_inputs["mnist"] / "MNIST" / "raw").is_dir():
@@ -273,7 +280,16 @@ def test_a_signal_during_the_imports_stops_the_run_resumably(name, tiny_inputs, 
     while not blocked_signals(process.pid) & sigterm and time.monotonic() < deadline:
         time.sleep(0.001)
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=600)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("stopped: "):
+            break
+    while process.poll() is None:  # more signals while it exits (every 10 ms) change nothing
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    rest, err = process.communicate(timeout=600)
+    out = "".join(lines) + rest
     assert process.returncode == script.RESUMABLE_EXIT_CODE, out + err
     last = out.strip().splitlines()[-1]
     assert last.startswith("stopped: "), out
