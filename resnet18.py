@@ -1908,6 +1908,22 @@ def training_module(model: nn.Module, first: int, world: World, device) -> nn.Mo
     )
 
 
+def optimiser_and_schedule(model: nn.Module, settings: dict, steps_per_epoch: int, precision):
+    """AdamW on the trainable parameters, warmup then cosine decay per step, and the scaler."""
+    device = next(model.parameters()).device
+    # The fused kernel updates every tensor in one pass (for layer4: 5.6x faster on a CPU).
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        settings["lr"],
+        weight_decay=settings["weight_decay"],
+        fused=device.type in ("cpu", "cuda"),
+    )
+    warmup = round(settings["warmup_epochs"] * steps_per_epoch)
+    schedule = WarmupCosine(steps_per_epoch * settings["epochs"], warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+
+
 def start_job(
     args: argparse.Namespace,
     regime: str,
@@ -1920,9 +1936,8 @@ def start_job(
     """The regime's model, inputs and optimiser, continued from its last.pt when there is one.
     (A stop signal that comes meanwhile is seen at the first training step.)"""
     device = data["train"][1].device
-    checkpoint = read_regime_checkpoint(
-        folder / "last.pt"
-    )  # a damaged one fails before the slow part
+    # Read first: a damaged checkpoint fails before the slow part.
+    checkpoint = read_regime_checkpoint(folder / "last.pt")
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same fc whether or not another regime ran first
     model = build_model(regime, load_backbone_weights(args.weights, not args.no_download))
@@ -1935,17 +1950,8 @@ def start_job(
     inputs, how = regime_inputs(model, regime, data, args, precision, world)
     seconds = (time.perf_counter() - started) if inputs.first else 0.0
     log(f"{regime}: {' + '.join(STAGES[: FROZEN_STAGES[regime]])} {how} in {seconds:.1f}s")
-    # The fused kernel updates every tensor in one pass (for layer4: 5.6x faster on a CPU).
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        settings["lr"],
-        weight_decay=settings["weight_decay"],
-        fused=device.type in ("cpu", "cuda"),
-    )
     steps = math.ceil(inputs.size("train") / (args.batch_size * world.size))
-    schedule = WarmupCosine(steps * settings["epochs"], round(settings["warmup_epochs"] * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    optimizer, scheduler, scaler = optimiser_and_schedule(model, settings, steps, precision)
     module = training_module(model, inputs.first, world, device)
     job = Job(
         regime,

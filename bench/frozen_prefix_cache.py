@@ -42,12 +42,10 @@ def make_job(inputs: resnet18.RegimeInputs, precision, batch_size: int) -> resne
     torch.manual_seed(0)
     model = resnet18.build_model(REGIME, None).to(inputs.device)
     settings = dict(resnet18.REGIME_DEFAULTS[REGIME], batch_size=batch_size)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, settings["lr"], weight_decay=0.01, fused=True)
     steps = math.ceil(inputs.size("train") / batch_size)
-    schedule = resnet18.WarmupCosine(steps * settings["epochs"], steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(inputs.device.type, enabled=precision.use_scaler)
+    optimizer, scheduler, scaler = resnet18.optimiser_and_schedule(
+        model, settings, steps, precision
+    )
     module = resnet18.StagesFrom(model, inputs.first)
     world = resnet18.World()
     return resnet18.Job(
