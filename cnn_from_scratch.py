@@ -1237,6 +1237,8 @@ def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[s
                 f"drop {flag} to continue it, or start a new run without --resume"
             )
         setattr(args, name, made_with)
+    if "data_dir" not in explicit:  # where the data is may change; the default is the run's
+        args.data_dir = recorded.get("data_dir", args.data_dir)
 
 
 def apply_array_seed(args: argparse.Namespace) -> int:
@@ -1277,12 +1279,12 @@ class StopSignal:
         return INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else RESUMABLE_EXIT_CODE
 
 
-def run_main(run, args: argparse.Namespace) -> int:
-    """`run(args, stop)` with stop signals caught from the start; what a user can act on ends
-    as one `error:` line and an exit code, never a traceback."""
+def run_main(run, args: argparse.Namespace, explicit: set[str]) -> int:
+    """`run(args, explicit, stop)` with stop signals caught from the start; what a user can act
+    on ends as one `error:` line and an exit code, never a traceback."""
     try:
         with StopSignal() as stop:
-            return run(args, stop)
+            return run(args, explicit, stop)
     except (UserError, OutputError) as error:
         code = USAGE_EXIT_CODE if isinstance(error, UserError) else FAILURE_EXIT_CODE
         message = str(error)
@@ -1293,12 +1295,16 @@ def run_main(run, args: argparse.Namespace) -> int:
     return code
 
 
-def stop_lines(stop: StopSignal, run_dir: Path) -> list[str]:
-    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`)."""
-    cause, last = stop.received or "a signal to another process of this job", f"stopped: {run_dir}"
+def stop_lines(stop: StopSignal, run_dir: Path, where: str = "") -> list[str]:
+    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`);
+    `where`: " during <what> (<position>)"."""
+    cause = (stop.received or "a signal to another process of this job") + where
     if run_state(run_dir) != "resumable":
-        return [f"stopped by {cause} before the first checkpoint: run it again", last]
-    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", last]
+        return [
+            f"stopped by {cause} before the first checkpoint: run it again",
+            f"stopped: {run_dir}",
+        ]
+    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", f"stopped: {run_dir}"]
 
 
 def resume_command(run_dir: Path) -> str:
@@ -1763,8 +1769,7 @@ def write_results(args, model: CNN, data: dict, state: dict, run_dir: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.explicit = sorted(explicit_options(parser, argv))
-    return run_main(run, args)
+    return run_main(run, args, explicit_options(parser, argv))
 
 
 def open_run(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None, dict | None]:
@@ -1776,8 +1781,6 @@ def open_run(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None,
         return None, None
     recorded = read_run_record(run_dir)["args"]
     merge_resumed_args(args, recorded, explicit)
-    if "data_dir" not in explicit:  # so that the printed `--resume <run>` works as it is
-        args.data_dir = recorded["data_dir"]
     checkpoint = read_checkpoint(run_dir / CHECKPOINT_NAME)
     removed = remove_stale_temp_files(run_dir)
     if removed:
@@ -1785,9 +1788,7 @@ def open_run(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None,
     return run_dir, checkpoint
 
 
-def run(args: argparse.Namespace, stop: StopSignal) -> int:
-    explicit = set(args.explicit)
-    del args.explicit
+def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     if args.check_gradients:
         lines, within = check_gradients()
         for line in lines:
@@ -1843,7 +1844,7 @@ def run(args: argparse.Namespace, stop: StopSignal) -> int:
         )
         return DIVERGED_EXIT_CODE
     if outcome == "stopped":
-        for line in stop_lines(stop, run_dir):
+        for line in stop_lines(stop, run_dir, f" in epoch {state['epoch'] + 1}"):
             log(line)
         return stop.exit_code
     metrics = write_results(args, model, data, state, run_dir)

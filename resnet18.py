@@ -71,7 +71,7 @@ RUN_PREFIX = "resnet"
 RUN_DEFINING_ARGS = (
     *("regime", "epochs", "lr", "weight_decay", "warmup_epochs", "patience", "min_delta"),
     *("batch_size", "img_size", "amp", "limit_train", "limit_test", "val_fraction", "seed"),
-    *("weights", "lr_scaling", "data_dir"),
+    *("weights", "lr_scaling"),
 )
 PROGRESS_FILES = ("*/last.pt", "*/metrics.json")
 HISTORY_FILES = ("linear_probe/history.csv", "partial_unfreeze/history.csv")
@@ -1181,6 +1181,8 @@ def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[s
                 f"drop {flag} to continue it, or start a new run without --resume"
             )
         setattr(args, name, made_with)
+    if "data_dir" not in explicit:  # where the data is may change; the default is the run's
+        args.data_dir = recorded.get("data_dir", args.data_dir)
 
 
 def apply_array_seed(args: argparse.Namespace) -> int:
@@ -1221,12 +1223,12 @@ class StopSignal:
         return INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else RESUMABLE_EXIT_CODE
 
 
-def run_main(run, args: argparse.Namespace) -> int:
-    """`run(args, stop)` with stop signals caught from the start; what a user can act on ends
-    as one `error:` line and an exit code, never a traceback."""
+def run_main(run, args: argparse.Namespace, explicit: set[str]) -> int:
+    """`run(args, explicit, stop)` with stop signals caught from the start; what a user can act
+    on ends as one `error:` line and an exit code, never a traceback."""
     try:
         with StopSignal() as stop:
-            return run(args, stop)
+            return run(args, explicit, stop)
     except (UserError, OutputError) as error:
         code = USAGE_EXIT_CODE if isinstance(error, UserError) else FAILURE_EXIT_CODE
         message = str(error)
@@ -1237,12 +1239,16 @@ def run_main(run, args: argparse.Namespace) -> int:
     return code
 
 
-def stop_lines(stop: StopSignal, run_dir: Path) -> list[str]:
-    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`)."""
-    cause, last = stop.received or "a signal to another process of this job", f"stopped: {run_dir}"
+def stop_lines(stop: StopSignal, run_dir: Path, where: str = "") -> list[str]:
+    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`);
+    `where`: " during <what> (<position>)"."""
+    cause = (stop.received or "a signal to another process of this job") + where
     if run_state(run_dir) != "resumable":
-        return [f"stopped by {cause} before the first checkpoint: run it again", last]
-    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", last]
+        return [
+            f"stopped by {cause} before the first checkpoint: run it again",
+            f"stopped: {run_dir}",
+        ]
+    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", f"stopped: {run_dir}"]
 
 
 def resume_command(run_dir: Path) -> str:
@@ -2046,11 +2052,10 @@ def run_regime(
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.explicit = sorted(explicit_options(parser, argv))
-    return run_main(run, args)
+    return run_main(run, args, explicit_options(parser, argv))
 
 
-def run(args: argparse.Namespace, stop: StopSignal) -> int:
+def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     """Everything each process checks before the process group starts (the run to resume,
     the weights, the data: a first download must not outlast NCCL's watchdog), then training."""
     if args.summarize:
@@ -2065,7 +2070,7 @@ def run(args: argparse.Namespace, stop: StopSignal) -> int:
     run_dir = find_resume_run(args.resume, args.output_dir)
     if run_dir is not None:
         recorded = read_run_record(run_dir)
-        merge_resumed_args(args, recorded.get("args", {}), set(args.explicit))
+        merge_resumed_args(args, recorded.get("args", {}), explicit)
         processes = recorded.get("distributed", {}).get("world_size", 1)
         if processes != world.size:
             raise UserError(
@@ -2150,8 +2155,7 @@ def train_and_report(
             f"rate: {parallel['lr_rule']}; layer4 BatchNorm: {parallel['batchnorm']}"
         )
     if world.rank == 0 and run_dir is None:
-        options = {k: v for k, v in vars(args).items() if k != "explicit"}
-        record = {"args": options, "environment": environment, "data": sizes}
+        record = {"args": vars(args), "environment": environment, "data": sizes}
         record.update(precision=precision.describe(), autocast_dtype=precision.autocast_dtype)
         record.update(regime_settings=settings, distributed=parallel)
         run_dir = new_run(args.output_dir, record)
@@ -2191,9 +2195,7 @@ def report_unfinished(
             flush=True,
         )
         return DIVERGED_EXIT_CODE
-    cause = stop.received or "a signal to another process of this job"
-    log(f"stopped by {cause} during {folder.name} ({position})")
-    for line in stop_lines(stop, folder.parent):
+    for line in stop_lines(stop, folder.parent, f" during {folder.name} ({position})"):
         log(line)
     return stop.exit_code
 
