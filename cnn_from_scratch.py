@@ -1,34 +1,28 @@
 """A convolutional network written from scratch, trained on MNIST.
 
-Every layer -- Conv2D, MaxPool2D, ReLU, Flatten, Linear and the fused softmax cross-entropy --
-has a hand-written forward and backward pass on PyTorch tensor primitives (matmul, unfold,
-max, scatter, exp, log). No autograd and no torch.nn layer trains it: the loop runs under
-torch.no_grad() and every gradient is computed by the code in this file, twice: plainly by the
-reference layers (im2col and one matmul, argmax and scatter), and by the fast layers the
-default run uses, which compute the same numbers in fewer, larger operations
-(docs/cnn_layers.md derives both).
+Each layer (Conv2D, MaxPool2D, ReLU, Flatten, Linear, softmax cross-entropy) has a hand-written
+forward and backward pass on torch tensor primitives, with no autograd: once as reference layers
+(the textbook rules) and once as the fast layers of the default run (the same numbers in fewer,
+larger operations); docs/cnn_layers.md derives both. The network: Conv(1->8, 3x3, pad 1) ->
+ReLU -> MaxPool(2) -> Conv(8->16, 3x3, pad 1) -> ReLU -> MaxPool(2) -> Flatten -> Linear(784->10).
 
-    Conv(1->8, 3x3, pad 1) -> ReLU -> MaxPool(2) -> Conv(8->16, 3x3, pad 1) -> ReLU -> MaxPool(2)
-    -> Flatten -> Linear(784 -> 10)
-
-Run (the defaults are the reported run: 5 epochs, batch 640, SGD with Nesterov momentum 0.9,
-lr 0.1 after 1 epoch of linear warmup, then cosine decay to 0, weight decay 5e-4):
-
-    python cnn_from_scratch.py --data-dir ./data          # downloads MNIST there when missing
+    python cnn_from_scratch.py --data-dir ./data          # the reported run; downloads MNIST
     python cnn_from_scratch.py --layers reference         # the same training on the plain layers
     python cnn_from_scratch.py --check-gradients          # every backward vs finite differences
     python cnn_from_scratch.py --resume results/cnn_...   # continue a stopped run
     sbatch run_cnn.sbatch                                 # on a SLURM cluster
 
-Exit codes: 0 done; 1 a file could not be written, or --check-gradients found a gradient
-off; 2 bad input (the `error:` line says what to fix); 3 the loss diverged (NaN/inf);
-75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint, 130 by Ctrl-C: the last lines print
-the command that continues exactly where it stopped.
+Exit codes: 0 done; 1 a file could not be written, or --check-gradients found a gradient off;
+2 bad input (the `error:` line says what to fix); 3 the loss diverged (NaN/inf); 75 stopped by
+SIGTERM/SIGUSR1 after writing a checkpoint, 130 by Ctrl-C: the last lines print the command
+that continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
 import io
 import itertools
@@ -43,9 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
@@ -59,20 +51,12 @@ RUN_PREFIX = "cnn"
 CHECKPOINT_NAME = "checkpoint_last.pt"
 PROGRESS_FILES = (CHECKPOINT_NAME,)
 HISTORY_FILES = ("history.csv",)
-# What defines a run: a resume takes these from its config.json, and an explicit different
-# value on the command line is refused.
-RUN_DEFINING_ARGS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "warmup_epochs",
-    "seed",
-    "val_size",
-    "layers",
-)
+# What defines a run: a resume takes these from its config.json and refuses other values.
+HYPERPARAMETERS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs")
+RUN_DEFINING_ARGS = (*HYPERPARAMETERS, "seed", "val_size", "layers")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+LAYER_KINDS = ("fast", "reference")  # --layers: the fast layers, or the textbook ones
+GRADIENT_TOLERANCES = {"finite differences": 1e-6, "autograd": 1e-10}  # --check-gradients
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,22 +65,12 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        description="Train a from-scratch CNN (hand-written forward/backward) on MNIST.",
-        formatter_class=HelpFormatter,
-    )
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add = parser.add_argument
-    add(
-        "--data-dir",
-        default=os.environ.get("DATA_DIR", "./data"),
-        help="folder holding MNIST/raw/ (torchvision's layout), downloaded there when missing "
-        "and online. Default: $DATA_DIR, else ./data",
-    )
-    add(
-        "--output-dir",
-        default=os.environ.get("RESULTS_DIR", "./results"),
-        help="where run folders are made. Default: $RESULTS_DIR, else ./results",
-    )
+    data = "folder of MNIST/raw/, downloaded there if missing. Default: $DATA_DIR, else ./data"
+    add("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help=data)
+    output = "where run folders are made. Default: $RESULTS_DIR, else ./results"
+    add("--output-dir", default=os.environ.get("RESULTS_DIR", "./results"), help=output)
     add("--epochs", type=positive_int, default=5, help="training epochs")
     add("--batch-size", type=positive_int, default=640, help="training batch size")
     add("--lr", type=positive_float, default=0.1, help="peak learning rate")
@@ -115,16 +89,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     count = number_type(int, lambda value: value >= 0, "a whole number >= 0")
     add("--val-size", type=count, default=5000, help="training images held out for validation")
     add("--layers", default="fast", choices=LAYER_KINDS, help="fast, or the plain reference ones")
-    add(
-        "--resume",
-        help="a run folder to continue, or 'auto': the newest unfinished run of this SLURM job "
-        "(outside SLURM: of --output-dir), else a new run",
-    )
-    add(
-        "--check-gradients",
-        action="store_true",
-        help="only compare every hand-written backward with finite differences and autograd",
-    )
+    resume = "a run folder to continue, or 'auto': the newest unfinished run of this SLURM job"
+    add("--resume", help=resume + " (outside SLURM: of --output-dir), else a new run")
+    check = "only compare every hand-written backward with finite differences and autograd"
+    add("--check-gradients", action="store_true", help=check)
     add("--summarize", nargs="+", metavar="RUN_DIR", help="only summarise finished runs' metrics")
     return parser
 
@@ -133,28 +101,20 @@ def select_device(name: str) -> torch.device:
     """--device as a torch.device: auto is cuda, else mps, else cpu; but in a SLURM job given
     GPUs that torch cannot use (a torch build whose CUDA the driver does not support, say),
     an error that names what torch and nvidia-smi see, never a silent fall back to the CPU."""
-    cuda = torch.cuda.is_available()
-    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    allocated = [
-        value.strip()
-        for key, value in os.environ.items()
-        if key in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
-        or key.startswith("SLURM_GPUS")
-    ]
-    given_gpus = "SLURM_JOB_ID" in os.environ and any(
-        v not in ("", "NoDevFiles") for v in allocated
-    )
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    gpu_variables = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+    allocated = {v.strip() for k, v in os.environ.items() if k.startswith(gpu_variables)}
+    given_gpus = "SLURM_JOB_ID" in os.environ and bool(allocated - {"", "NoDevFiles"})
     if name == "auto":
         name = "cuda" if cuda or given_gpus else "mps" if mps else "cpu"
     if name == "cuda" and not cuda:
         query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
         try:
             smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError) as error:
-            found = f"nvidia-smi does not run here ({first_line(error)})"
-        else:
             lines = [line.strip() for line in (smi.stdout or smi.stderr).splitlines()]
             found = f"nvidia-smi reports {'; '.join(filter(None, lines)) or 'nothing'}"
+        except (OSError, subprocess.SubprocessError) as error:
+            found = f"nvidia-smi does not run here ({first_line(error)})"
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only"
         raise UserError(
             f"this job was given GPUs (or --device cuda), but torch {torch.__version__}, built "
@@ -169,101 +129,68 @@ def select_device(name: str) -> torch.device:
 
 def environment_summary(device: torch.device) -> dict:
     """What ran where: versions, host, device and SLURM job, for the log and config.json."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = subprocess.run(git, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    summary = {
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "host": socket.gethostname(),
         "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
         "git_commit": commit or None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
     }
-    if device.type == "cuda":
-        summary["gpu"] = torch.cuda.get_device_name(device)
-    return summary
 
 
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
 
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 
-
-def missing_mnist_files(raw: Path) -> list[str]:
-    """The MNIST files not in raw (a missing folder: all); PermissionError if unreadable."""
-    present = set(os.listdir(raw)) if raw.is_dir() else set()
-    return [name for name in MNIST_FILES if name not in present]
-
-
-def load_mnist(
-    data_dir: str | Path, train: bool = True, download: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read MNIST through torchvision: uint8 images (N, 28, 28) and int64 labels (N,)."""
+def load_mnist(data_dir, train=True, download=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's train or test split through torchvision: uint8 images (N, 28, 28), int64 labels
+    (N,). Each way that fails (missing, gzip only, unreadable, corrupt) is one UserError that
+    says what to do."""
     from torchvision.datasets import MNIST
 
-    raw = Path(data_dir) / "MNIST" / "raw"
-    how_to_fetch = (
-        f"on a machine with internet run `python cnn_from_scratch.py --data-dir {data_dir}` "
-        "(or `./setup_env.sh --prefetch`) and copy the folder here, or pass --data-dir to a "
-        "folder that holds MNIST/raw/"
-    )
+    raw, split = Path(data_dir) / "MNIST" / "raw", "train" if train else "t10k"
+    names, failure = [f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"], "not downloaded"
+    fetch = f"on a machine with internet run `python cnn_from_scratch.py --data-dir {data_dir}`"
+    fetch += " (or ./setup_env.sh --prefetch), copy it here, or pass a --data-dir with MNIST/raw/"
     try:
-        missing, failure = missing_mnist_files(raw), "not downloaded"
-        if missing and download:
+        present = os.listdir(raw) if raw.is_dir() else []  # PermissionError if unreadable
+        if download and not set(names) <= set(present):
             try:
                 MNIST(root=str(data_dir), train=train, download=True)
             except Exception as error:  # offline: RuntimeError/URLError/OSError
                 failure = f"downloading them failed ({first_line(error)})"
-            missing = missing_mnist_files(raw)
-        if missing and all((raw / f"{name}.gz").is_file() for name in missing):
-            raise UserError(
-                f"only .gz files found in {raw} for {', '.join(missing)}: decompress them "
-                "(gunzip -k) or let torchvision extract them (run online once, with write access)"
-            )
-        if missing:
-            raise UserError(
-                f"MNIST files missing in {raw}: {', '.join(missing)} ({failure}); {how_to_fetch}"
-            )
-        dataset = MNIST(root=str(data_dir), train=train, download=False)
-        images, labels = dataset.data, dataset.targets
+            present = os.listdir(raw) if raw.is_dir() else []
+        absent = [name for name in names if name not in present]
+        if not absent:
+            dataset = MNIST(root=str(data_dir), train=train, download=False)
     except PermissionError as error:
         raise UserError(
             f"cannot read {error.filename or raw}: permission denied (unreadable, not missing "
             "or corrupt): make it readable to this user, or pass another --data-dir"
         ) from None
-    except UserError:
-        raise
     except Exception as error:  # a truncated or corrupt IDX file fails inside torchvision
-        split = "train" if train else "t10k"
         raise UserError(
             f"could not read the MNIST {split} files in {raw} ({type(error).__name__}: "
             f"{first_line(error)}); they are corrupt or truncated: delete them and fetch them "
-            f"again; {how_to_fetch}"
+            f"again; {fetch}"
         ) from None
-    if (
-        images.dtype != torch.uint8
-        or tuple(images.shape[1:]) != (28, 28)
-        or len(images) == 0
-        or len(labels) != len(images)
-        or not 0 <= int(labels.min()) <= int(labels.max()) <= 9
-    ):
+    if absent and all(f"{name}.gz" in present for name in absent):
+        raise UserError(f"only .gz files found in {raw} for {', '.join(absent)}: decompress them")
+    if absent:
+        raise UserError(f"MNIST files missing in {raw}: {', '.join(absent)} ({failure}); {fetch}")
+    images, labels = dataset.data, dataset.targets
+    shaped = images.dtype == torch.uint8 and images.shape[1:] == (28, 28)
+    if not (shaped and len(images) == len(labels) > 0 and 0 <= labels.min() <= labels.max() <= 9):
         raise UserError(
             f"the MNIST files in {raw} hold {tuple(images.shape)} images and {len(labels)} "
             "labels, not N 28x28 images with labels 0-9; they are corrupt: fetch them again"
@@ -271,26 +198,16 @@ def load_mnist(
     return images, labels.long()
 
 
-def split_train_val(
-    images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Hold out a seeded random `val_size` images from train for the validation curves."""
-    if not 0 <= val_size < len(images):
-        raise UserError(
-            f"--val-size {val_size} must be between 0 and {len(images) - 1} "
-            f"(the training set has {len(images)} images)"
-        )
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:val_size], order[val_size:]
-    return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
-
-
 def load_data(args: argparse.Namespace, device: torch.device) -> dict[str, tuple]:
-    """train, val and test as uint8 images and labels on the device."""
-    train_images, train_labels = load_mnist(args.data_dir, train=True)
-    test = load_mnist(args.data_dir, train=False)
-    train, val = split_train_val(train_images, train_labels, args.val_size, args.seed)
-    data = {"train": train, "val": val, "test": test}
+    """train, val (a seeded random --val-size images held out of train, for the validation
+    curves) and test, as uint8 images and int64 labels on the device."""
+    images, labels = load_mnist(args.data_dir, train=True)
+    if not 0 <= args.val_size < len(images):
+        raise UserError(f"--val-size {args.val_size} must be between 0 and {len(images) - 1}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
+    val, train = order[: args.val_size], order[args.val_size :]
+    data = {"train": (images[train], labels[train]), "val": (images[val], labels[val])}
+    data["test"] = load_mnist(args.data_dir, train=False)
     return {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
 
 
@@ -305,53 +222,43 @@ def preprocess(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -
 # --------------------------------------------------------------------------------------------
 #
 # Contract (as in cs231n's layers.py): forward(x) keeps what backward needs in self.cache;
-# backward(grad_out) returns the gradient of the forward input and, for a layer with
-# parameters, overwrites self.grads (the keys and layouts of self.params, which are torch's:
-# conv weight (C_out, C_in, kh, kw), linear weight (out, in)). Images are (N, C, H, W) in any
-# memory layout; convolutions return channels-last views (N, H, W, C in memory), the layout
-# their matmul produces. `factory` arguments: device, dtype and the generator of the weights.
+# backward(grad_out) returns the gradient of the input and, with parameters, sets self.grads
+# (keys and layouts of self.params, torch's). Images are (N, C, H, W) in any memory layout;
+# convolutions return channels-last views, the layout their matmul produces. `factory`
+# arguments: device, dtype and the generator of the weights.
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, what: str) -> int:
-    out = (size + 2 * padding - kernel) // stride + 1
-    if out < 1:
-        raise ValueError(f"{what}: input size {size} with padding {padding} < kernel {kernel}")
-    return out
-
-
-def _parameters(weight: torch.Tensor, factory: dict) -> dict[str, torch.Tensor]:
-    """The weight (drawn on the CPU: the same numbers on any device) and a zero bias."""
-    weight = weight.to(factory.get("device"))
-    return {"weight": weight, "bias": weight.new_zeros(len(weight))}
+def _parameters(factory: dict, shape: tuple, scale: float, uniform=False) -> dict:
+    """weight: scale * N(0, 1) draws (uniform: scale * U(-1, 1)), drawn on the CPU so that every
+    device gets the same numbers; bias: zeros."""
+    draw = torch.rand if uniform else torch.randn
+    weight = draw(shape, generator=factory.get("generator"), dtype=factory.get("dtype"))
+    weight = (weight * 2 - 1 if uniform else weight).mul_(scale).to(factory.get("device"))
+    return {"weight": weight, "bias": weight.new_zeros(shape[0])}
 
 
 def im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
-    """x (N, C, H, W) -> columns (N * H_out * W_out, C * kh * kw): row (n, y, x) holds the
-    padded input window that output position sees, in the weight's (C, kh, kw) order."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n, c, h, w = x.shape
+    """x (N, C, H, W) -> columns (N, H_out, W_out, C * kh * kw): a (P, K) matrix whose row
+    (n, y, x) is the padded input window output (y, x) sees, in the weight's (C, kh, kw) order."""
+    (kh, kw), (sh, sw), (ph, pw), (n, c, h, w) = kernel, stride, padding, x.shape
     padded = x.new_zeros((n, c, h + 2 * ph, w + 2 * pw))
     padded[:, :, ph : ph + h, pw : pw + w] = x
     windows = padded.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, H_out, W_out, kh, kw), a view
-    return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+    return windows.permute(0, 2, 3, 1, 4, 5).flatten(3)
 
 
 def col2im(grad_windows: torch.Tensor, input_shape, stride, padding) -> torch.Tensor:
     """The adjoint of taking windows: grad_windows (N, C, H_out, W_out, kh, kw) -> (N, C, H, W),
     each window element's gradient added back where forward read it (overlaps add up)."""
     (n, c, h, w), (sh, sw), (ph, pw) = input_shape, stride, padding
-    _, _, h_out, w_out, kh, kw = grad_windows.shape
+    h_out, w_out, kh, kw = grad_windows.shape[2:]
     grad = grad_windows.new_zeros((n, c, h + 2 * ph, w + 2 * pw))
     for i, j in itertools.product(range(kh), range(kw)):
-        rows, columns = (
-            slice(i, i + sh * (h_out - 1) + 1, sh),
-            slice(j, j + sw * (w_out - 1) + 1, sw),
-        )
-        grad[:, :, rows, columns] += grad_windows[..., i, j]
+        grad[:, :, i : i + sh * h_out : sh, j : j + sw * w_out : sw] += grad_windows[..., i, j]
     return grad[:, :, ph : ph + h, pw : pw + w]
 
 
@@ -361,54 +268,36 @@ class Conv2D:
     forward:  x (N, C_in, H, W) -> (N, C_out, H_out, W_out), H_out = (H + 2 ph - kh) // sh + 1
               (likewise W_out): rows = columns @ W^T + b, columns = im2col(x) (P, K), with
               P = N * H_out * W_out positions, K = C_in * kh * kw, W the weight as (C_out, K).
-    backward: grad_out (N, C_out, H_out, W_out), as grad_rows (P, C_out) -> grad_in = col2im(
-              grad_rows @ W) (N, C_in, H, W), or None with needs_input_grad False (a first
-              layer: its input is data); grads["weight"] = grad_rows^T @ columns (C_out, K),
-              grads["bias"] = grad_rows summed over the positions.
+    backward: with grad_rows (P, C_out) the output gradient as rows, grads["weight"] =
+              grad_rows^T @ columns (C_out, K), grads["bias"] = grad_rows summed over P, and
+              grad_in = col2im(grad_rows @ W) (N, C_in, H, W), or None without needs_input_grad.
     """
+
+    needs_input_grad = True  # False for a first layer: its input is data
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, **factory):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = map(_pair, (kernel_size, stride, padding))
-        fan_in = in_channels * math.prod(self.kernel_size)
         shape = (out_channels, in_channels, *self.kernel_size)
-        weight = torch.randn(shape, generator=factory.get("generator"), dtype=factory.get("dtype"))
         # He initialisation: keeps the activation variance constant through ReLU layers.
-        self.params = _parameters(weight * math.sqrt(2.0 / fan_in), factory)
-        self.grads: dict[str, torch.Tensor] = {}
-        self.needs_input_grad, self.cache = True, None
-
-    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"Conv2D expects {self.in_channels} input channels, got {x.shape[1]}")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return (
-            _output_size(x.shape[2], kh, sh, ph, "Conv2D height"),
-            _output_size(x.shape[3], kw, sw, pw, "Conv2D width"),
-        )
+        self.params = _parameters(factory, shape, math.sqrt(2.0 / math.prod(shape[1:])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h_out, w_out = self.output_size(x)
         columns = im2col(x, self.kernel_size, self.stride, self.padding)
-        weight = self.params["weight"].reshape(self.out_channels, -1)
-        rows = columns @ weight.t() + self.params["bias"]
         self.cache = (x.shape, columns)
-        return rows.view(len(x), h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
+        rows = columns @ self.params["weight"].flatten(1).t() + self.params["bias"]
+        return rows.permute(0, 3, 1, 2)  # (N, H_out, W_out, C_out) in memory
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        input_shape, columns = self.cache
-        n, _, h_out, w_out = grad_out.shape
-        grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
-        weight = self.params["weight"]
-        self.grads["weight"] = (grad_rows.t() @ columns).view(weight.shape)
-        self.grads["bias"] = grad_rows.sum(0)
+        (input_shape, columns), weight = self.cache, self.params["weight"]
+        grad_rows = grad_out.permute(0, 2, 3, 1)  # (N, H_out, W_out, C_out): P rows
+        grad_weight = grad_rows.flatten(0, 2).t() @ columns.flatten(0, 2)
+        self.grads = {"weight": grad_weight.view(weight.shape), "bias": grad_rows.sum((0, 1, 2))}
         if not self.needs_input_grad:
             return None
-        grad_columns = grad_rows @ weight.reshape(self.out_channels, -1)
-        grad_windows = grad_columns.view(n, h_out, w_out, *weight.shape[1:])
-        return col2im(
-            grad_windows.permute(0, 3, 1, 2, 4, 5), input_shape, self.stride, self.padding
-        )
+        grad_windows = (grad_rows @ weight.flatten(1)).unflatten(3, weight.shape[1:])
+        grad_windows = grad_windows.permute(0, 3, 1, 2, 4, 5)  # (N, C_in, H_out, W_out, kh, kw)
+        return col2im(grad_windows, input_shape, self.stride, self.padding)
 
 
 class MaxPool2D:
@@ -417,27 +306,20 @@ class MaxPool2D:
     forward:  x (N, C, H, W) -> (N, C, H_out, W_out), H_out = (H - kh) // sh + 1 (likewise
               W_out), the maximum of each window; stride defaults to kernel_size.
     backward: grad_out (N, C, H_out, W_out) -> grad_in (N, C, H, W): each window's gradient goes
-              to the window's first maximum (torch's rule on ties), and col2im adds the
-              windows back onto the input grid.
+              to its first maximum (torch's rule on ties), and col2im adds the windows back.
     """
 
     def __init__(self, kernel_size, stride=None):
         self.kernel_size = _pair(kernel_size)
         self.stride = self.kernel_size if stride is None else _pair(stride)
-        self.cache = None
 
-    def output_size(self, x: torch.Tensor) -> tuple[int, int]:
+    def windows(self, x: torch.Tensor) -> torch.Tensor:
+        """x's pooling windows, a view (N, C, H_out, W_out, kh, kw)."""
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return (
-            _output_size(x.shape[2], kh, sh, 0, "MaxPool2D height"),
-            _output_size(x.shape[3], kw, sw, 0, "MaxPool2D width"),
-        )
+        return x.unfold(2, kh, sh).unfold(3, kw, sw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.output_size(x)
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        windows = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, H_out, W_out, kh, kw)
-        out, argmax = windows.reshape(*windows.shape[:4], kh * kw).max(dim=-1)  # the first one
+        out, argmax = self.windows(x).flatten(4).max(dim=-1)  # the first maximum on ties
         self.cache = (x.shape, argmax)
         return out
 
@@ -445,7 +327,7 @@ class MaxPool2D:
         input_shape, argmax = self.cache
         grad_windows = grad_out.new_zeros((*argmax.shape, math.prod(self.kernel_size)))
         grad_windows.scatter_(-1, argmax.unsqueeze(-1), grad_out.unsqueeze(-1))
-        grad_windows = grad_windows.view(*argmax.shape, *self.kernel_size)
+        grad_windows = grad_windows.unflatten(-1, self.kernel_size)  # (N, C, H_out, W_out, kh, kw)
         return col2im(grad_windows, input_shape, self.stride, (0, 0))
 
 
@@ -455,7 +337,7 @@ class ReLU:
     nn.ReLU(inplace=True): right after a convolution, whose output nothing else keeps."""
 
     def __init__(self, inplace: bool = False):
-        self.inplace, self.cache = inplace, None
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cache = x.clamp_(min=0) if self.inplace else x.clamp(min=0)
@@ -480,37 +362,25 @@ class Linear:
     """y = x W^T + b. forward: x (N, in) -> (N, out); backward: grad_out (N, out) -> grad_in
     = grad_out @ W (N, in); grads["weight"] = grad_out^T @ x (out, in), grads["bias"] (out,)."""
 
+    needs_input_grad = True
+
     def __init__(self, in_features: int, out_features: int, **factory):
-        self.in_features, self.out_features = in_features, out_features
-        drawn = torch.rand(
-            out_features,
-            in_features,
-            generator=factory.get("generator"),
-            dtype=factory.get("dtype"),
-        )
         bound = 1.0 / math.sqrt(in_features)  # torch.nn.Linear's default range
-        self.params = _parameters((drawn * 2 - 1) * bound, factory)
-        self.grads: dict[str, torch.Tensor] = {}
-        self.needs_input_grad, self.cache = True, None
+        self.params = _parameters(factory, (out_features, in_features), bound, uniform=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"Linear expects (N, {self.in_features}), got {tuple(x.shape)}")
         self.cache = x
         return torch.addmm(self.params["bias"], x, self.params["weight"].t())
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        self.grads["weight"] = grad_out.t() @ self.cache
-        self.grads["bias"] = grad_out.sum(0)
+        self.grads = {"weight": grad_out.t() @ self.cache, "bias": grad_out.sum(0)}
         return grad_out @ self.params["weight"] if self.needs_input_grad else None
 
 
 class SoftmaxCrossEntropy:
-    """Mean cross-entropy of softmax(logits), fused with its gradient.
-
-    forward(logits (N, K), targets (N,) int64) -> scalar mean loss (log-sum-exp, stable).
-    backward() -> grad_logits (N, K) = (softmax(logits) - one_hot(targets)) / N.
-    """
+    """Mean cross-entropy of softmax(logits), fused with its gradient: forward(logits (N, K),
+    targets (N,) int64) -> the mean loss, by log-sum-exp (stable for large logits); backward()
+    -> grad_logits (N, K) = (softmax(logits) - one_hot(targets)) / N."""
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         shifted = logits - logits.amax(dim=1, keepdim=True)
@@ -529,245 +399,172 @@ class SoftmaxCrossEntropy:
 # equal in float64), in fewer and larger operations; what each trick saves: docs/cnn_layers.md.
 
 
-class Buffers(dict):
-    """Tensors kept from step to step (allocating MBs anew each step costs more in page
-    faults than filling them): reused(name, shape, like) is made zero and then reused while
-    shape, dtype and device stay. Callers overwrite it, or write only the interior of a zero
-    border, which stays zero. Nothing a layer returns lives here."""
+class BufferedConv2D(Conv2D):
+    """Conv2D with tensors kept from step to step: allocating MBs anew each step costs more in
+    page faults than filling them. A reused buffer is zero when made; callers overwrite it, or
+    only the interior of a zero border. Nothing a layer returns lives there."""
 
     def reused(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        buffer = self.get(name)
-        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
-            torch.Size(shape),
-            like.dtype,
-            like.device,
-        ):
-            buffer = self[name] = like.new_zeros(shape)
+        buffers = vars(self).setdefault("buffers", {})  # made by the first call
+        buffer, wanted = buffers.get(name), (tuple(shape), like.dtype, like.device)
+        if buffer is None or (tuple(buffer.shape), buffer.dtype, buffer.device) != wanted:
+            buffer = buffers[name] = like.new_zeros(shape)
         return buffer
 
-
-def _columns_t(padded: torch.Tensor, window, stride, out_size, out: torch.Tensor) -> torch.Tensor:
-    """im2col, transposed: padded (N, C, H_pad, W_pad) -> (C * wh * ww, N * H_out * W_out) in
-    `out`, each row copied in runs along W."""
-    (wh, ww), (sh, sw), (h_out, w_out) = window, stride, out_size
-    (n, c), (stride_n, stride_c, stride_h, stride_w) = padded.shape[:2], padded.stride()
-    windows = padded.as_strided(
-        (c, wh, ww, n, h_out, w_out),
-        (stride_c, stride_h, stride_w, stride_n, stride_h * sh, stride_w * sw),
-    )
-    out.view(windows.shape).copy_(windows)
-    return out
+    def transposed_windows(self, name: str, padded: torch.Tensor, window, stride) -> torch.Tensor:
+        """im2col transposed, into the buffer `name`: padded (N, C, H_pad, W_pad) -> (C, wh, ww,
+        N, H_out, W_out), the (K, P) columns, each row copied in long runs along W (in (P, K)
+        order a row is a run of ww values: 4x slower to fill for one channel, measured)."""
+        (wh, ww), (sh, sw) = window, stride
+        windows = padded.unfold(2, wh, sh).unfold(3, ww, sw).permute(1, 4, 5, 0, 2, 3)
+        return self.reused(name, windows.shape, padded).copy_(windows)
 
 
-class ColumnsConv2D(Conv2D):
-    """Computes Conv2D (the same forward; backward is the reference one, on the same columns),
-    plus weight_grad_through_pool: the weight gradient of conv -> ReLU -> max-pool in one go.
-
-    Faster forward: the columns are filled transposed, (K, P), each row copied in long runs
-    along W, where (P, K) rows are runs of kw values (4x slower to fill for a one-channel
-    image, measured); BLAS multiplies their transpose as it is, into the channels-last
-    output. Buffers are reused from step to step.
-    """
-
-    def __init__(self, *args, **factory):
-        super().__init__(*args, **factory)
-        self.buffers = Buffers()
+class ColumnsConv2D(BufferedConv2D):
+    """Computes Conv2D (backward is the reference one, on the same columns), plus
+    weight_grad_through_pool: the weight gradient of conv -> ReLU -> max-pool in one product.
+    Faster forward: the columns are filled transposed, and BLAS multiplies their transpose as
+    it is, straight into the channels-last output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (h_out, w_out), (n, c, h, w), (ph, pw) = self.output_size(x), x.shape, self.padding
-        padded = self.buffers.reused("padded", (n, c, h + 2 * ph, w + 2 * pw), x)
+        (n, c, h, w), (ph, pw) = x.shape, self.padding
+        padded = self.reused("padded", (n, c, h + 2 * ph, w + 2 * pw), x)
         padded[:, :, ph : ph + h, pw : pw + w] = x
-        positions = n * h_out * w_out
-        columns = self.buffers.reused("columns", (c * math.prod(self.kernel_size), positions), x)
-        _columns_t(padded, self.kernel_size, self.stride, (h_out, w_out), columns)
-        weight, rows = (
-            self.params["weight"].view(self.out_channels, -1),
-            x.new_empty((positions, self.out_channels)),
-        )
-        torch.addmm(self.params["bias"], columns.t(), weight.t(), out=rows)
-        self.cache = (x.shape, columns.t())  # the reference's (P, K) columns, as a view
+        windows = self.transposed_windows("columns", padded, self.kernel_size, self.stride)
+        columns, (h_out, w_out) = windows.flatten(0, 2).flatten(1), windows.shape[4:]  # (K, P)
+        rows = torch.addmm(self.params["bias"], columns.t(), self.params["weight"].flatten(1).t())
+        self.cache = (x.shape, columns.t().view(n, h_out, w_out, -1))  # the reference's columns
         return rows.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
 
     def weight_grad_through_pool(self, pool: FastMaxPool2D, grad_pooled: torch.Tensor) -> None:
-        """Set grads as backward(pool.backward(grad_pooled)) would, grad_pooled (N, C_out,
-        H_pool, W_pool) being the gradient of pool's output with the derivative of any layer
-        between (a ReLU: pool.relu_mask) applied. Stride-1 convolutions only.
-
-        Each pool window hands its gradient to one tap (dy, dx): the convolution output at
-        (py * s + dy, px * s + dx), which saw the padded input at (py * s + dy + i, px * s + dx
-        + j). So the weight gradient comes from one batched product over the windows: the
-        padded input's span_h x span_w patches (span = pool kernel + conv kernel - 1) at the
-        pool's stride, times the gradient each window routes to tap (dy, dx); the (dy + i,
-        dx + j) entries of tap (dy, dx)'s product add up to the weight gradient. No full-size
-        gradient is formed.
-        """
+        """Set grads as backward(pool.backward(grad_pooled)) would (stride 1 only), grad_pooled
+        (N, C_out, H_pool, W_pool) with the layers between differentiated (a ReLU: relu_mask).
+        Each pool window hands its gradient to one tap (dy, dx), the output at (py*s + dy, px*s
+        + dx), which saw the padded input at (py*s + dy + i, px*s + dx + j); so one batched
+        product of the input's (pool + kernel - 1)-wide patches with each tap's routed gradient
+        holds every (tap, offset) pair, and entry (dy + i, dx + j) of tap (dy, dx) adds to W."""
         if self.stride != (1, 1):
             raise ValueError("weight_grad_through_pool needs a stride-1 convolution")
         (kh, kw), (pool_h, pool_w) = self.kernel_size, pool.kernel_size
-        (n, c_out, h_pool, w_pool), padded = grad_pooled.shape, self.buffers["padded"]
-        span, taps = (pool_h + kh - 1, pool_w + kw - 1), pool_h * pool_w
+        n, c_out, h_pool, w_pool = grad_pooled.shape
         # routed[t] (N, H_pool, W_pool, C_out): the gradient tap t takes, in the masks' layout.
-        routed = self.buffers.reused("routed", (taps, n, h_pool, w_pool, c_out), grad_pooled)
-        pool.route(grad_pooled, [routed[t].permute(0, 3, 1, 2) for t in range(taps)])
-        shape = (padded.shape[1] * math.prod(span), n * h_pool * w_pool)
-        patches = self.buffers.reused("patches", shape, padded)
-        _columns_t(padded, span, pool.stride, (h_pool, w_pool), patches)
-        products = torch.matmul(patches, routed.view(taps, -1, c_out))  # (taps, C_in * span, C_out)
-        products = products.view(pool_h, pool_w, -1, *span, c_out)
-        grad_weight = sum(
-            products[dy, dx, :, dy : dy + kh, dx : dx + kw]
-            for dy, dx in itertools.product(range(pool_h), range(pool_w))
-        )
-        self.grads["weight"] = grad_weight.permute(3, 0, 1, 2).contiguous()
-        self.grads["bias"] = grad_pooled.sum((0, 2, 3))
+        routed = self.reused("routed", (pool_h * pool_w, n, h_pool, w_pool, c_out), grad_pooled)
+        pool.route(grad_pooled, [tap.permute(0, 3, 1, 2) for tap in routed])
+        span = (pool_h + kh - 1, pool_w + kw - 1)
+        patches = self.transposed_windows("patches", self.buffers["padded"], span, pool.stride)
+        products = patches.view(-1, n * h_pool * w_pool) @ routed.view(len(routed), -1, c_out)
+        products = products.view(pool_h, pool_w, *patches.shape[:3], c_out)  # [dy, dx, c, y, x]
+        taps = itertools.product(range(pool_h), range(pool_w))
+        grad_weight = sum(products[dy, dx, :, dy : dy + kh, dx : dx + kw] for dy, dx in taps)
+        grad_weight = grad_weight.permute(3, 0, 1, 2).contiguous()
+        self.grads = {"weight": grad_weight, "bias": grad_pooled.sum((0, 2, 3))}
 
 
-class KernelRowsConv2D(Conv2D):
-    """Computes Conv2D, forward and backward, for a vertical stride of 1 (any kernel, padding
-    and horizontal stride).
-
-    Faster: where im2col copies kh * kw * C_in values per output position, the row windows
-    hold, per (image, padded input row y, output column x), the kw * C_in values one kernel
-    row sees there: 1/kh of the copy. Kernel row i adds windows[y + i] @ W_i to output row y;
-    in the flattened matrix that shift is a fixed offset of i * W_out rows, so each kernel row
-    is one matmul on a view, in forward and in both gradients (and col2im takes kw strided
-    additions instead of kh * kw). All H_pad rows of an image are computed, and the kh - 1
-    extra ones dropped by a view. Works channels-last; buffers are reused from step to step.
-    """
-
-    def __init__(self, *args, **factory):
-        super().__init__(*args, **factory)
-        self.buffers = Buffers()
-
-    def _kernel_rows(self) -> torch.Tensor:
-        """The weight as (kh, kw * C_in, C_out): kernel row i, ordered like a window row."""
-        weight = self.params["weight"].permute(2, 3, 1, 0)
-        return weight.reshape(self.kernel_size[0], -1, self.out_channels)
-
-    def _shifted(self, windows: torch.Tensor, count: int, w_out: int) -> torch.Tensor:
-        """(kh, count, kw * C_in) views of the row windows, [i] starting i input rows down."""
-        step = windows.stride(0)
-        return windows.as_strided(
-            (self.kernel_size[0], count, windows.shape[1]), (w_out * step, step, 1)
-        )
+class KernelRowsConv2D(BufferedConv2D):
+    """Computes Conv2D, forward and backward, for a vertical stride of 1. Faster: the row windows
+    hold, per (image, padded row y, output column), the kw * C_in values one kernel row sees:
+    1/kh of im2col's copy. Kernel row i adds windows[y + i] @ W_i to output row y, a shift of
+    i * W_out rows in the flattened matrix, so each kernel row is one matmul on a view, in
+    forward and both gradients (the kh - 1 extra rows per image are dropped by a view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] != 1:
             raise ValueError("KernelRowsConv2D needs a vertical stride of 1")
-        (h_out, w_out), (n, c, h, w), (ph, pw) = self.output_size(x), x.shape, self.padding
-        (kh, kw), sw = self.kernel_size, self.stride[1]
-        padded = self.buffers.reused("padded", (n, h + 2 * ph, w + 2 * pw, c), x)
+        (n, c, h, w), (ph, pw), (kh, kw) = x.shape, self.padding, self.kernel_size
+        padded = self.reused("padded", (n, h + 2 * ph, w + 2 * pw, c), x)
         padded[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
-        count = n * padded.shape[1] * w_out
+        # (N, H_pad, W_out, kw, C_in): what each kernel row sees, per padded row and output column
+        row_windows = padded.unfold(2, kw, self.stride[1]).transpose(3, 4)
+        w_out, count = row_windows.shape[2], math.prod(row_windows.shape[:3])
         # (kh - 1) * W_out zero rows at the end keep every shifted view inside the buffer.
-        windows = self.buffers.reused("windows", (count + (kh - 1) * w_out, kw * c), x)
-        stride_n, stride_h, stride_w, _ = padded.stride()
-        rows_view = padded.as_strided(
-            (n, padded.shape[1], w_out, kw * c), (stride_n, stride_h, stride_w * sw, 1)
-        )
-        windows[:count].view(rows_view.shape).copy_(rows_view)
-        weights = self._kernel_rows()
-        shifted = self._shifted(windows, count, w_out)
+        windows = self.reused("windows", (count + (kh - 1) * w_out, kw * c), x)
+        windows[:count].view(row_windows.shape).copy_(row_windows)
+        shifted = windows.unfold(0, count, w_out).transpose(1, 2)  # [i]: from i rows down
+        weights = self.params["weight"].permute(2, 3, 1, 0).reshape(kh, kw * c, -1)  # W_i
         rows = torch.mm(shifted[0], weights[0])
         for i in range(1, kh):
             rows.addmm_(shifted[i], weights[i])
-        rows += self.params["bias"]
-        self.cache = (x.shape, windows, count, (h_out, w_out))
-        return rows.view(n, -1, w_out, self.out_channels)[:, :h_out].permute(0, 3, 1, 2)
+        rows += self.params["bias"]  # after the products: faster than addmm's bias (measured)
+        self.cache = (x.shape, windows, weights)
+        rows = rows.view(n, h + 2 * ph, w_out, self.out_channels)[:, : h + 2 * ph - kh + 1]
+        return rows.permute(0, 3, 1, 2)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (n, c, h, w), windows, count, (h_out, w_out) = self.cache
+        (n, c, h, w), windows, weights = self.cache
         (kh, kw), (ph, pw), sw = self.kernel_size, self.padding, self.stride[1]
-        height = count // (n * w_out)
+        height, w_out = h + 2 * ph, grad_out.shape[3]
+        count = len(windows) - (kh - 1) * w_out
         # The output gradient on the grid of rows forward computed; the extra rows stay zero.
-        grid = self.buffers.reused("grad_grid", (n, height, w_out, self.out_channels), grad_out)
-        grid[:, :h_out] = grad_out.permute(0, 2, 3, 1)
+        grid = self.reused("grad_grid", (n, height, w_out, self.out_channels), grad_out)
+        grid[:, : height - kh + 1] = grad_out.permute(0, 2, 3, 1)
         grad_rows = grid.view(count, self.out_channels)
-        grad_weights = torch.bmm(  # (kh, kw * C_in, C_out), in one batched product
-            self._shifted(windows, count, w_out).transpose(1, 2), grad_rows.expand(kh, -1, -1)
-        )
-        self.grads["weight"] = grad_weights.view(kh, kw, c, -1).permute(3, 2, 0, 1).contiguous()
-        self.grads["bias"] = grad_rows.sum(0)
+        # (kh, kw * C_in, C_out): each kernel row's shifted windows^T @ grad_rows, in one bmm
+        grad_weights = torch.bmm(windows.unfold(0, count, w_out), grad_rows.expand(kh, -1, -1))
+        grad_weight = grad_weights.view(kh, kw, c, -1).permute(3, 2, 0, 1).contiguous()
+        self.grads = {"weight": grad_weight, "bias": grad_rows.sum(0)}
         if not self.needs_input_grad:
             return None
-        weights = self._kernel_rows()
-        grad_windows = self.buffers.reused("grad_windows", windows.shape, grad_out)
-        shifted = self._shifted(grad_windows, count, w_out)
-        torch.mm(grad_rows, weights[0].t(), out=shifted[0])
+        grad_windows = self.reused("grad_windows", windows.shape, grad_out)
+        grad_shifted = grad_windows.unfold(0, count, w_out).transpose(1, 2)
+        torch.mm(grad_rows, weights[0].t(), out=grad_shifted[0])
         grad_windows[count:].zero_()
         for i in range(1, kh):
-            shifted[i].addmm_(grad_rows, weights[i].t())
+            grad_shifted[i].addmm_(grad_rows, weights[i].t())
         grad_windows = grad_windows[:count].view(n, height, w_out, kw, c)
         grad_padded = grad_out.new_zeros((n, height, w + 2 * pw, c))
         for j in range(kw):
-            grad_padded[:, :, j : j + sw * (w_out - 1) + 1 : sw] += grad_windows[:, :, :, j]
+            grad_padded[:, :, j : j + sw * w_out : sw] += grad_windows[:, :, :, j]
         return grad_padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2)
 
 
 class FastMaxPool2D(MaxPool2D):
-    """Computes MaxPool2D, forward and backward (first maximum on ties), plus relu_mask: the
-    backward of a ReLU in front of it, done on the pooled grid.
+    """Computes MaxPool2D (first maximum on ties), plus relu_mask: the backward of a ReLU in
+    front of it, on the pooled grid. Faster: each tap of the windows is a strided view, so
+    forward is a running maximum (no window copy, no index tensor) beside a float 0/1 mask per
+    tap of where it beat every earlier one; backward routes by those masks, two elementwise
+    operations per tap (float: the CPU's fast path)."""
 
-    Faster: each of the kh * kw taps of the windows is a strided view of the input, so forward
-    is a running elementwise maximum, with no window copy and no index tensor; beside it a
-    float 0/1 mask per tap marks where that tap took the window (strictly greater than every
-    earlier tap: on ties the first maximum keeps it). backward routes the gradient by those
-    masks, two elementwise operations per tap (float: the CPU's fast path).
-    """
-
-    def _taps(self, x: torch.Tensor, h_out: int, w_out: int) -> list[torch.Tensor]:
-        """kh * kw views (N, C, H_out, W_out): tap (i, j) is x[..., i + s*oh, j + s*ow]."""
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return [
-            x[:, :, i : i + sh * (h_out - 1) + 1 : sh, j : j + sw * (w_out - 1) + 1 : sw]
-            for i, j in itertools.product(range(kh), range(kw))
-        ]
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x's kh * kw views (N, C, H_out, W_out): tap (i, j) holds x[..., i + s*y, j + s*x]."""
+        windows = self.windows(x)
+        return [windows[..., i, j] for i, j in itertools.product(*map(range, self.kernel_size))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taps = self._taps(x, *self.output_size(x))
-        out, takes = taps[0].clone(), []
-        for tap in taps[1:]:  # takes[t]: tap t + 1 beat every earlier tap
+        first, *others = self.taps(x)
+        out, takes = first.clone(), []
+        for tap in others:  # takes[t]: tap t + 1 beat every earlier tap
             takes.append(torch.gt(tap, out, out=torch.empty_like(out)))
             torch.maximum(out, tap, out=out)
         self.cache = (x, out, takes)
         return out
 
     def relu_mask(self, grad_out: torch.Tensor) -> torch.Tensor:
-        """ReLU.backward of the ReLU in front of this pool, on the pooled grid (a quarter of
-        the size): the pool hands each window's gradient to its maximum, where the ReLU's
-        derivative is [maximum > 0] = [pooled output > 0]. The same numbers."""
+        """The backward of the ReLU in front of this pool, on the pooled grid (a quarter of the
+        size): the pool hands each window's gradient to its maximum m, where the ReLU's
+        derivative is [m > 0] = [pooled output > 0]. The same numbers."""
         pooled = self.cache[1]
         return torch.gt(pooled, 0, out=torch.empty_like(pooled)).mul_(grad_out)
 
-    def route(self, grad_out: torch.Tensor, grad_taps: list[torch.Tensor], add: bool = False):
-        """Give each window's gradient to its first maximum: from the last tap back, each tap
-        takes what no later tap took. grad_taps[t] (shaped like grad_out) gets tap t's share,
-        written over, or with add (windows overlap) added to."""
-        _, out, takes = self.cache
-        if grad_out.stride() != out.stride():  # the masks' layout: faster loops
-            grad_out = torch.empty_like(out).copy_(grad_out)
-        remaining = grad_out
-        for take, grad_tap in zip(reversed(takes), reversed(grad_taps[1:])):
-            taken = torch.mul(remaining, take, out=None if add else grad_tap)
-            if add:
-                grad_tap += taken
-            remaining = remaining - taken
-        if add:
-            grad_taps[0] += remaining
-        else:
-            grad_taps[0].copy_(remaining)
+    def route(self, grad_out: torch.Tensor, grad_taps: list[torch.Tensor]) -> None:
+        """Write into grad_taps[t] (shaped like grad_out) what tap t takes of each window's
+        gradient: from the last tap back, each takes what no later one took."""
+        for take, grad_tap in zip(reversed(self.cache[2]), reversed(grad_taps[1:])):
+            grad_out = grad_out - torch.mul(grad_out, take, out=grad_tap)
+        grad_taps[0].copy_(grad_out)
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
-        x, out, _ = self.cache
+        x, out, takes = self.cache
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        # Windows that tile the input exactly write every element once: no zeroing needed.
-        tiles = (kh, kw) == (sh, sw) and (out.shape[2] * kh, out.shape[3] * kw) == x.shape[2:]
-        grad_in = torch.empty_like(x) if tiles else torch.zeros_like(x)
-        self.route(grad_out, self._taps(grad_in, *out.shape[2:]), add=not tiles)
+        if (kh, kw) == (sh, sw) and (out.shape[2] * kh, out.shape[3] * kw) == x.shape[2:]:
+            grad_in = torch.empty_like(x)  # windows that tile x: each element written once
+            self.route(grad_out, self.taps(grad_in))
+            return grad_in
+        shares = [torch.empty_like(out) for _ in range(len(takes) + 1)]
+        self.route(grad_out, shares)
+        grad_in = torch.zeros_like(x)
+        for tap, share in zip(self.taps(grad_in), shares):
+            tap += share  # where windows overlap, their shares add up
         return grad_in
-
-
-LAYER_KINDS = ("fast", "reference")
 
 
 class CNN:
@@ -784,16 +581,9 @@ class CNN:
         self.kind, fast = layers, layers == "fast"
         first_conv, conv = (ColumnsConv2D, KernelRowsConv2D) if fast else (Conv2D, Conv2D)
         pool = FastMaxPool2D if fast else MaxPool2D
-        self.layers = [
-            first_conv(1, 8, 3, padding=1, **factory),
-            ReLU(inplace=fast),
-            pool(2),
-            conv(8, 16, 3, padding=1, **factory),
-            ReLU(inplace=fast),
-            pool(2),
-            Flatten(),
-            Linear(16 * 7 * 7, 10, **factory),
-        ]
+        block1 = [first_conv(1, 8, 3, padding=1, **factory), ReLU(inplace=fast), pool(2)]
+        block2 = [conv(8, 16, 3, padding=1, **factory), ReLU(inplace=fast), pool(2)]
+        self.layers = [*block1, *block2, Flatten(), Linear(16 * 7 * 7, 10, **factory)]
         self.layers[0].needs_input_grad = False  # its input is the data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -801,14 +591,14 @@ class CNN:
             x = layer.forward(x)
         return x
 
-    def backward(self, grad_logits: torch.Tensor) -> None:
+    def backward(self, grad: torch.Tensor) -> None:
+        """Every layer's grads, from grad: the loss gradient of the logits (N, 10)."""
         if self.kind == "reference":
-            grad = grad_logits
             for layer in reversed(self.layers):
                 grad = layer.backward(grad)
             return
         first_conv, _, first_pool, conv, _, pool, flatten, linear = self.layers
-        grad = flatten.backward(linear.backward(grad_logits))
+        grad = flatten.backward(linear.backward(grad))
         # Each ReLU's backward runs on its pool's output (FastMaxPool2D.relu_mask), and the
         # first convolution's weight gradient comes straight from its pool's gradient.
         grad = conv.backward(pool.backward(pool.relu_mask(grad)))
@@ -817,60 +607,48 @@ class CNN:
     def trainable_layers(self) -> list[tuple[int, Conv2D | Linear]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "params")]
 
+    def parameters(self, kind: str = "params") -> dict[str, torch.Tensor]:
+        """Every layer's params, or (kind "grads") their gradients, as "layers.<i>.<name>"."""
+        tensors = [(f"layers.{i}.", getattr(layer, kind)) for i, layer in self.trainable_layers()]
+        return {prefix + name: t for prefix, named in tensors for name, t in named.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"layers.{i}.{name}": tensor.clone()
-            for i, layer in self.trainable_layers()
-            for name, tensor in layer.params.items()
-        }
+        return {key: tensor.clone() for key, tensor in self.parameters().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.state_dict()):
+        if set(state) != set(self.parameters()):
             raise ValueError(f"state dict keys {sorted(state)} do not match this network's")
-        for key in self.state_dict():
-            _, index, name = key.split(".")
-            self.layers[int(index)].params[name].copy_(state[key])
-
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.state_dict().values())
+        for key, tensor in self.parameters().items():
+            tensor.copy_(state[key])
 
 
 class SGD:
-    """SGD with (Nesterov) momentum and L2 weight decay, in place, as torch.optim.SGD does it.
-
-    step(): g = grad + weight_decay * p; buf = momentum * buf + g;
-            p -= lr * (g + momentum * buf) with nesterov, else p -= lr * buf.
-    """
+    """SGD with (Nesterov) momentum and L2 weight decay, in place, as torch.optim.SGD does it:
+    g = grad + weight_decay * p; buf = momentum * buf + g (buf from 0);
+    p -= lr * (g + momentum * buf) with nesterov, else p -= lr * buf."""
 
     def __init__(self, model: CNN, lr: float, momentum=0.9, weight_decay=0.0, nesterov=True):
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov momentum needs momentum > 0")
         self.model, self.lr, self.momentum = model, lr, momentum
         self.weight_decay, self.nesterov = weight_decay, nesterov
         self.buffers: dict[str, torch.Tensor] = {}
 
     def step(self) -> None:
-        for i, layer in self.model.trainable_layers():
-            for name, param in layer.params.items():
-                grad = layer.grads[name]
-                if self.weight_decay:
-                    grad = grad.add(param, alpha=self.weight_decay)
-                if self.momentum:
-                    key = f"layers.{i}.{name}"
-                    buffer = self.buffers.get(key)
-                    if buffer is None:
-                        buffer = self.buffers[key] = grad.clone()
-                    else:
-                        buffer.mul_(self.momentum).add_(grad)
-                    grad = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
-                param.add_(grad, alpha=-self.lr)
+        grads = self.model.parameters("grads")
+        for key, param in self.model.parameters().items():
+            grad = grads[key]
+            if self.weight_decay:
+                grad = grad.add(param, alpha=self.weight_decay)
+            if self.momentum:
+                buffer = self.buffers[key] = self.buffers.get(key, 0) * self.momentum + grad
+                grad = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
+            param.add_(grad, alpha=-self.lr)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "buffers": {k: v.clone() for k, v in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lr = state["lr"]
-        self.buffers = {k: v.clone() for k, v in state["buffers"].items()}
+        params, self.lr = self.model.parameters(), state["lr"]  # buffers onto the params' device
+        self.buffers = {k: v.to(params[k].device, copy=True) for k, v in state["buffers"].items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,254 +665,170 @@ def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int
 
 
 @torch.no_grad()
-def evaluate(
-    model: CNN, images_uint8: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000
-) -> dict:
-    """Mean loss, accuracy, predictions and their probabilities over a split (uint8 images on
-    the device); the sums stay on the device until the one read at the end."""
-    loss_fn, total_loss, predictions, probabilities = SoftmaxCrossEntropy(), 0.0, [], []
-    for start in range(0, len(images_uint8), batch_size):
-        logits = model.forward(preprocess(images_uint8[start : start + batch_size]))
-        y = labels[start : start + batch_size]
-        total_loss = total_loss + loss_fn.forward(logits, y) * len(y)
-        probability, predicted = loss_fn.cache[0].max(dim=1)
-        predictions.append(predicted)
-        probabilities.append(probability.exp())
-    predicted = torch.cat(predictions) if predictions else labels.new_zeros(0)
-    count = max(1, len(labels))
-    return {
-        "loss": float(total_loss) / count,
-        "accuracy": int((predicted == labels).sum()) / count,
-        "predictions": predicted,
-        "probabilities": torch.cat(probabilities) if probabilities else labels.new_zeros(0),
-    }
-
-
-def new_training_state() -> dict:
-    """Where training stands; checkpointed, so a resume continues bit-identically."""
-    return {"epoch": 0, "step_in_epoch": 0, "history": [], "lr_by_step": [], "train_time_s": 0.0}
-
-
-def train_epoch(args, model: CNN, optimizer: SGD, train_data, state: dict, stop) -> None:
-    """The rest of the current epoch's steps, or until a stop signal: updates state (step,
-    lr_by_step, the epoch's running sums). The loss and correct counts accumulate on the
-    device and are read once, at the end, so no step waits for the device."""
-    train_x, train_y = train_data
-    epoch, steps_per_epoch = state["epoch"], math.ceil(len(train_x) / args.batch_size)
-    total_steps, sums = steps_per_epoch * args.epochs, state["sums"]
-    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
-    # Each epoch's order comes from its own seeded generator: a resumed epoch draws the same
-    # permutation and skips the steps it had already taken.
-    shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
-    batches = (
-        torch.randperm(len(train_x), generator=shuffle).to(train_x.device).split(args.batch_size)
-    )
-    loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=train_x.device)
-    correct = torch.tensor(sums["correct"], device=train_x.device)
-    from tqdm import tqdm
-
-    loss_fn, started = SoftmaxCrossEntropy(), time.perf_counter()
-    progress = tqdm(
-        total=len(batches),
-        initial=state["step_in_epoch"],
-        desc=f"epoch {epoch + 1}/{args.epochs}",
-        disable=not sys.stderr.isatty(),
-        leave=False,
-    )
-    for index in batches[state["step_in_epoch"] :]:
-        step = epoch * steps_per_epoch + state["step_in_epoch"]
-        optimizer.lr = learning_rate(step, total_steps, args.lr, warmup_steps)
-        x, y = preprocess(train_x[index]), train_y[index]
-        logits = model.forward(x)
-        loss = loss_fn.forward(logits, y)
-        model.backward(loss_fn.backward())
-        optimizer.step()
-        loss_sum += loss * len(y)
-        correct += (logits.argmax(dim=1) == y).sum()
-        sums["seen"] += len(y)
-        state["step_in_epoch"] += 1
-        state["lr_by_step"].append(optimizer.lr)
-        progress.update()
-        if stop.received:
-            break
-    progress.close()
-    sums["loss"], sums["correct"] = float(loss_sum), int(correct)  # waits for the device
-    sums["seconds"] += time.perf_counter() - started
+def evaluate(model: CNN, images_uint8: torch.Tensor, labels: torch.Tensor, batch=2000) -> dict:
+    """Mean loss and accuracy (NaN for no images), predictions and their probabilities, of
+    uint8 images on the device, forward in batches."""
+    if not len(labels):
+        return {"loss": math.nan, "accuracy": math.nan}
+    chunks = [images_uint8[start : start + batch] for start in range(0, len(labels), batch)]
+    loss_fn = SoftmaxCrossEntropy()
+    loss = loss_fn.forward(torch.cat([model.forward(preprocess(x)) for x in chunks]), labels)
+    log_probability, predicted = loss_fn.cache[0].max(dim=1)
+    result = {"loss": float(loss), "accuracy": int((predicted == labels).sum()) / len(labels)}
+    return {**result, "predictions": predicted, "probabilities": log_probability.exp()}
 
 
 @torch.no_grad()
 def train(args, model: CNN, optimizer: SGD, data: dict, state: dict, stop, run_dir: Path) -> str:
-    """Train (or continue) from `state` to args.epochs: "done", "stopped" or "diverged".
+    """Train (or continue) from `state` to args.epochs: "done", "stopped" or "diverged". The
+    loss and correct counts accumulate on the device and are read once per epoch, so no step
+    waits for the device; a NaN/inf loss is caught on that read, before a mid-epoch checkpoint
+    (a checkpoint never holds a diverged model). After each epoch: history.csv, then the
+    checkpoint, so history.csv is never short of it."""
+    from tqdm import tqdm
 
-    After each epoch: history.csv, then the checkpoint (so history.csv is never short of
-    it). A NaN/inf loss is caught once per epoch, on the epoch's summed loss (the one read
-    of it), and before a mid-epoch checkpoint: a checkpoint never holds a diverged model.
-    """
-    steps_per_epoch = math.ceil(len(data["train"][0]) / args.batch_size)
+    (train_x, train_y), loss_fn = data["train"], SoftmaxCrossEntropy()
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
     while state["epoch"] < args.epochs:
-        if state["step_in_epoch"] == 0:
+        epoch, done, started = state["epoch"], state["step_in_epoch"], time.perf_counter()
+        if done == 0:
             state["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        train_epoch(args, model, optimizer, data["train"], state, stop)
         sums = state["sums"]
+        loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=train_x.device)
+        correct = torch.tensor(sums["correct"], device=train_x.device)
+        # Each epoch's order comes from its own seeded generator: a resumed epoch draws the same
+        # permutation and skips the steps it had already taken.
+        shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
+        batches = torch.randperm(len(train_x), generator=shuffle).to(train_x.device)
+        batches = batches.split(args.batch_size)
+        shown = {"desc": f"epoch {epoch + 1}/{args.epochs}", "disable": not sys.stderr.isatty()}
+        for index in tqdm(batches[done:], total=len(batches), initial=done, leave=False, **shown):
+            step = epoch * steps_per_epoch + state["step_in_epoch"]
+            optimizer.lr = learning_rate(step, steps_per_epoch * args.epochs, args.lr, warmup_steps)
+            logits, y = model.forward(preprocess(train_x[index])), train_y[index]
+            loss = loss_fn.forward(logits, y)
+            model.backward(loss_fn.backward())
+            optimizer.step()
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(dim=1) == y).sum()
+            sums["seen"] += len(y)
+            state["step_in_epoch"] += 1
+            state["lr_by_step"].append(optimizer.lr)
+            if stop.received:
+                break
+        sums["loss"], sums["correct"] = float(loss_sum), int(correct)  # waits for the device
+        sums["seconds"] += time.perf_counter() - started
         if not math.isfinite(sums["loss"]):
             return "diverged"
         if state["step_in_epoch"] < steps_per_epoch:  # stopped by a signal mid-epoch
             save_checkpoint(run_dir, model, optimizer, state)
             return "stopped"
-        val = (
-            evaluate(model, *data["val"])
-            if len(data["val"][0])
-            else {"loss": math.nan, "accuracy": math.nan}
-        )
-        row = {
-            "epoch": state["epoch"] + 1,
-            "train_loss": sums["loss"] / sums["seen"],
-            "train_accuracy": sums["correct"] / sums["seen"],
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": optimizer.lr,
-            "seconds": sums["seconds"],
-            "images_per_s": sums["seen"] / sums["seconds"],
-        }
+        val, seen, seconds = evaluate(model, *data["val"]), sums["seen"], sums["seconds"]
+        row = {"epoch": epoch + 1, "train_loss": sums["loss"] / seen}
+        row.update(train_accuracy=sums["correct"] / seen, val_loss=val["loss"])
+        row.update(val_accuracy=val["accuracy"], lr=optimizer.lr, seconds=seconds)
+        row["images_per_s"] = seen / seconds
         state["history"].append(row)
-        state["train_time_s"] += sums["seconds"]
-        state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+        state["train_time_s"] += seconds
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         write_csv(run_dir / "history.csv", state["history"])
         save_checkpoint(run_dir, model, optimizer, state)
         log(
-            f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f} "
+            f"epoch {epoch + 1}/{args.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} "
             f"acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.4g}  "
-            f"{row['seconds']:.1f}s  {row['images_per_s']:,.0f} img/s"
+            f"{seconds:.1f}s  {row['images_per_s']:,.0f} img/s"
         )
         if stop.received and state["epoch"] < args.epochs:
             return "stopped"
     return "done"
 
 
-GRADIENT_TOLERANCES = {"finite differences": 1e-6, "autograd": 1e-10}
-
-
-def torch_function(layer, x: torch.Tensor, params: dict) -> torch.Tensor:
-    """The layer's function in torch.nn.functional: what autograd differentiates."""
+def objective(layers: list, target: torch.Tensor, values: dict, by_torch=False) -> torch.Tensor:
+    """sum(output * target) of the (index, layer) pairs `layers` for a float target, their mean
+    cross-entropy for labels, at `values` ("input" and parameters "layers.<index>.<name>"): by
+    the layers' own forward, or with by_torch by torch.nn.functional's, for autograd."""
     import torch.nn.functional as F
 
-    if isinstance(layer, Conv2D):
-        return F.conv2d(x, params["weight"], params["bias"], layer.stride, layer.padding)
-    if isinstance(layer, MaxPool2D):
-        return F.max_pool2d(x, layer.kernel_size, layer.stride)
-    if isinstance(layer, Linear):
-        return F.linear(x, params["weight"], params["bias"])
-    return F.relu(x) if isinstance(layer, ReLU) else x.flatten(1)
-
-
-def objective(layers: list, target: torch.Tensor, values: dict, by_torch: bool = False):
-    """sum(output * target) of `layers` ((index, layer) pairs) for float targets, their
-    cross-entropy for labels, at values: "input" and parameters "<index>.<name>"; computed by
-    the layers themselves, or with by_torch by torch's functions of them (for autograd)."""
-    x, saved = values["input"], {}
-    try:
-        for index, layer in layers:
-            params = getattr(layer, "params", {})
-            own = {name: values[f"{index}.{name}"] for name in params}
-            if by_torch:
-                x = torch_function(layer, x, own)
-            else:
-                saved[index] = dict(params)
-                params.update(own)
-                x = layer.forward(x.clone())
-    finally:
-        for index, layer in layers:
-            getattr(layer, "params", {}).update(saved.get(index, {}))
+    x = values["input"]
+    for index, layer in layers:
+        params = {name: values[f"layers.{index}.{name}"] for name in getattr(layer, "params", {})}
+        if not by_torch:
+            at_values = copy.copy(layer)  # the same layer at these parameters
+            at_values.params = params
+            x = at_values.forward(x.clone())  # a clone: an in-place ReLU must keep the values
+        elif isinstance(layer, Conv2D):
+            x = F.conv2d(x, params["weight"], params["bias"], layer.stride, layer.padding)
+        elif isinstance(layer, MaxPool2D):
+            x = F.max_pool2d(x, layer.kernel_size, layer.stride)
+        elif isinstance(layer, Linear):
+            x = F.linear(x, params["weight"], params["bias"])
+        else:
+            x = F.relu(x) if isinstance(layer, ReLU) else x.flatten(1)
     if target.dtype == torch.int64:
-        import torch.nn.functional as F
-
-        return (
-            F.cross_entropy(x, target)
-            if by_torch
-            else float(SoftmaxCrossEntropy().forward(x, target))
-        )
-    return (x * target).sum() if by_torch else float((x * target).sum())
+        return F.cross_entropy(x, target) if by_torch else SoftmaxCrossEntropy().forward(x, target)
+    return (x * target).sum()
 
 
-def gradient_errors(function, values: dict, hand: dict, generator) -> tuple[float, float]:
-    """The largest relative differences of the hand-written gradients `hand` of
-    function(values) from central finite differences along a random direction per tensor, and
-    from autograd's gradients of function(values, by_torch=True)."""
+def gradient_errors(layers: list, target, values: dict, hand: dict, generator) -> tuple:
+    """The largest relative errors of `hand`, the hand-written gradients of objective(layers,
+    target, values): against central finite differences along a random direction per tensor,
+    and against autograd's gradients of the objective by torch's functions."""
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in values.items()}
     with torch.enable_grad():
-        grads = torch.autograd.grad(function(leaves, by_torch=True), [leaves[k] for k in hand])
-    autograd = max(relative_difference(hand[k], grad) for k, grad in zip(hand, grads))
-    finite, eps = 0.0, 1e-6
-    for name in hand:
-        direction = torch.randn(values[name].shape, generator=generator, dtype=torch.float64)
-        plus, minus = (
-            function({**values, name: values[name] + s * direction}) for s in (eps, -eps)
-        )
-        numeric, analytic = (plus - minus) / (2 * eps), float((hand[name] * direction).sum())
-        finite = max(finite, abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1e-30))
+        by_torch = objective(layers, target, leaves, by_torch=True)
+        grads = torch.autograd.grad(by_torch, [leaves[name] for name in hand])
+    finite = autograd = 0.0
+    for (name, grad), by_autograd in zip(hand.items(), grads):
+        direction = torch.randn(grad.shape, generator=generator, dtype=torch.float64)
+        nudged = ({**values, name: values[name] + step * direction} for step in (1e-6, -1e-6))
+        plus, minus = (objective(layers, target, nudged_values) for nudged_values in nudged)
+        numeric, analytic = float(plus - minus) / 2e-6, float((grad * direction).sum())
+        finite = max(finite, abs(analytic - numeric) / max(abs(numeric), 1e-30))
+        error = (grad - by_autograd).abs().max() / by_autograd.abs().max().clamp(min=1e-30)
+        autograd = max(autograd, float(error))
     return finite, autograd
 
 
-def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
-
-
-def network_gradient_errors(kind: str, seed: int) -> list[tuple[str, tuple[float, float]]]:
-    """(name, errors) for each layer of a float64 network of `kind` on its own activations of
-    two random images, and for the whole network's loss."""
-    generator = torch.Generator().manual_seed(seed)
-    model = CNN(layers=kind, dtype=torch.float64, generator=generator)
-    for _, layer in model.trainable_layers():
-        layer.params["bias"].normal_(std=0.1, generator=generator)
-    x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, 10, (2,), generator=generator)
-    results, h = [], x
-    for index, layer in enumerate(model.layers):
-        out = layer.forward(h.clone())
-        weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-        grad_in = layer.backward(weights)
-        hand = {"input": grad_in} if grad_in is not None else {}
-        hand.update({f"{index}.{n}": g for n, g in getattr(layer, "grads", {}).items()})
-        values = {
-            "input": h,
-            **{f"{index}.{n}": p for n, p in getattr(layer, "params", {}).items()},
-        }
-        function = partial(objective, [(index, layer)], weights)
-        results.append(
-            (f"{index} {type(layer).__name__}", gradient_errors(function, values, hand, generator))
-        )
-        h = torch.empty_like(out).normal_(generator=generator)  # distinct values: no ties
-    loss_fn = SoftmaxCrossEntropy()
-    loss_fn.forward(model.forward(x), y)
-    model.backward(loss_fn.backward())
-    values, hand = {"input": x}, {}
-    for i, layer in model.trainable_layers():
-        for name in layer.params:
-            values[f"{i}.{name}"], hand[f"{i}.{name}"] = layer.params[name], layer.grads[name]
-    function = partial(objective, list(enumerate(model.layers)), y)
-    errors = gradient_errors(function, values, hand, generator)
-    return [*results, ("whole network", errors)]
-
-
-def check_gradients(seed: int = 0) -> tuple[list[str], bool]:
-    """--check-gradients: the report's lines, and whether every difference is within its
-    tolerance (GRADIENT_TOLERANCES)."""
-    lines = [
-        "largest relative difference of the hand-written gradients (float64):",
-        f"{'layers':<11}{'layer':<22}{'vs finite differences':>22}{'vs autograd':>13}",
-    ]
+def check_gradients(seed: int = 0) -> int:
+    """--check-gradients, for each layer kind in float64: every layer on random inputs of the
+    shape it sees in the network, then the whole network's loss on two random images. Logs the
+    largest relative errors; 0 if each is within GRADIENT_TOLERANCES, else FAILURE_EXIT_CODE."""
+    log("largest relative difference of the hand-written gradients (float64):")
+    log(f"{'layers':<11}{'layer':<22}{'vs finite differences':>22}{'vs autograd':>13}")
     worst = dict.fromkeys(GRADIENT_TOLERANCES, 0.0)
     for kind in ("reference", "fast"):
-        for name, errors in network_gradient_errors(kind, seed):
-            lines.append(f"{kind:<11}{name:<22}{errors[0]:>22.1e}{errors[1]:>13.1e}")
+        generator = torch.Generator().manual_seed(seed)
+        model = CNN(layers=kind, dtype=torch.float64, generator=generator)
+        for _, layer in model.trainable_layers():
+            layer.params["bias"].normal_(std=0.1, generator=generator)
+        x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
+        y, h, rows = torch.randint(0, 10, (2,), generator=generator), x, []
+        for index, layer in enumerate(model.layers):
+            out = layer.forward(h.clone())
+            weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+            grad_in, prefix = layer.backward(weights), f"layers.{index}."
+            params = getattr(layer, "params", {})
+            values = {"input": h, **{prefix + name: p for name, p in params.items()}}
+            hand = {prefix + name: g for name, g in getattr(layer, "grads", {}).items()}
+            hand.update({"input": grad_in} if grad_in is not None else {})
+            name = f"{index} {type(layer).__name__}"
+            rows.append((name, [(index, layer)], weights, values, hand))
+            h = torch.empty_like(out).normal_(generator=generator)  # distinct values: no ties
+        loss_fn = SoftmaxCrossEntropy()
+        loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        values, hand = {"input": x, **model.parameters()}, model.parameters("grads")
+        rows.append(("whole network", list(enumerate(model.layers)), y, values, hand))
+        for name, *check in rows:
+            errors = gradient_errors(*check, generator)
+            log(f"{kind:<11}{name:<22}{errors[0]:>22.1e}{errors[1]:>13.1e}")
             worst = {key: max(worst[key], error) for key, error in zip(worst, errors)}
     within = all(worst[key] <= limit for key, limit in GRADIENT_TOLERANCES.items())
     limits = ", ".join(f"{key} {limit:.0e}" for key, limit in GRADIENT_TOLERANCES.items())
-    lines.append(
-        f"{'all within' if within else 'FAILED: not all within'} the tolerances ({limits})"
-    )
-    return lines, within
+    log(f"{'all within' if within else 'FAILED: not all within'} the tolerances ({limits})")
+    return 0 if within else FAILURE_EXIT_CODE
 
 
 # --------------------------------------------------------------------------------------------
@@ -1196,10 +890,10 @@ def number_type(convert, accept, expected: str):
     def parse(text: str):
         try:
             value = convert(text)
-            if accept(value) and math.isfinite(value):
-                return value
         except (ValueError, OverflowError):
-            pass
+            value = math.nan
+        if math.isfinite(value) and accept(value):
+            return value
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
@@ -1244,9 +938,8 @@ def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[s
 def apply_array_seed(args: argparse.Namespace) -> int:
     """In a SLURM job array each task trains its own seed: --seed + SLURM_ARRAY_TASK_ID."""
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
-    offset = int(task) if task.isdigit() else 0
-    args.seed += offset
-    return offset
+    args.seed += int(task) if task.isdigit() else 0
+    return int(task) if task.isdigit() else 0
 
 
 class StopSignal:
@@ -1255,9 +948,8 @@ class StopSignal:
     A second Ctrl-C aborts at once; a second SIGTERM/SIGUSR1 changes nothing."""
 
     def __enter__(self) -> StopSignal:
-        self.received, self.previous, self.exited = None, {}, False
-        for number in STOP_SIGNALS:
-            self.previous[number] = signal.signal(number, self.handle)
+        self.received, self.exited = None, False
+        self.previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # those held since startup
         return self
 
@@ -1299,60 +991,42 @@ def stop_lines(stop: StopSignal, run_dir: Path, where: str = "") -> list[str]:
     """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`);
     `where`: " during <what> (<position>)"."""
     cause = (stop.received or "a signal to another process of this job") + where
+    then = f"; continue with: {resume_command(run_dir)}"
     if run_state(run_dir) != "resumable":
-        return [
-            f"stopped by {cause} before the first checkpoint: run it again",
-            f"stopped: {run_dir}",
-        ]
-    return [f"stopped by {cause}; continue with: {resume_command(run_dir)}", f"stopped: {run_dir}"]
+        then = " before the first checkpoint: run it again"
+    return [f"stopped by {cause}{then}", f"stopped: {run_dir}"]
 
 
 def resume_command(run_dir: Path) -> str:
     return f"python {SCRIPTS[RUN_PREFIX]} --resume {run_dir}"
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write a temporary file in the same folder, fsync, then os.replace: all or nothing. A
-    failed write (disk full, file-size limit, path too long) raises OutputError."""
-    path, temporary = Path(path), None
+def atomic_write(path: str | Path, payload) -> None:
+    """Write `payload` (bytes or text; for a .json path, JSON; for a .pt path, torch.save) to a
+    temporary file beside `path`, fsync it, then os.replace: all or nothing. A failed write
+    (disk full, file-size limit, path too long) raises OutputError."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        payload = buffer.getvalue()
+    elif path.suffix == ".json":
+        payload = json.dumps(payload, indent=2) + "\n"
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # removed by the next run
     try:
-        descriptor, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
+        with open(temporary, "wb") as handle:
+            handle.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
             handle.flush()
-            # mkstemp makes files private (0600); give the mode open() would, so results on
-            # shared storage stay readable by the group as the umask allows.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(handle.fileno(), 0o666 & ~umask)
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
-        if not isinstance(error, OSError):
-            raise
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
         run_dir = next((p for p in path.parents if (p / RUN_RECORD).is_file()), None)
         after = "nothing to resume yet: make room (or pass another --output-dir), start again"
         if run_dir is not None and run_state(run_dir) == "resumable":
             after = f"the last checkpoint is intact: make room, then {resume_command(run_dir)}"
         raise OutputError(f"cannot write {path}: {error.strerror or error}; {after}") from None
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, payload) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def atomic_torch_save(payload, path: str | Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_figure(figure, path: str | Path) -> None:
@@ -1361,7 +1035,7 @@ def save_figure(figure, path: str | Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
@@ -1371,16 +1045,13 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: round_float(v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def round_float(value):
-    return float(f"{value:.12g}") if isinstance(value, float) else value
+            rounded = {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in row.items()}
+            writer.writerow(rounded)
+    atomic_write(path, buffer.getvalue())
 
 
 def remove_stale_temp_files(run_dir: Path) -> int:
-    """Delete the `.<name>.<random>.tmp` files that killed writes left in a run folder."""
+    """Delete the `.<name>.<pid>.tmp` files that killed writes left in a run folder."""
     stale = list(run_dir.rglob(".*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
@@ -1416,7 +1087,7 @@ def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
 
 def new_run(output_dir: str | Path, config: dict) -> Path:
     run_dir = make_run_dir(output_dir, RUN_PREFIX)
-    atomic_write_json(run_dir / RUN_RECORD, {"script": SCRIPTS[RUN_PREFIX], **config})
+    atomic_write(run_dir / RUN_RECORD, {"script": SCRIPTS[RUN_PREFIX], **config})
     return run_dir
 
 
@@ -1485,7 +1156,6 @@ def restore_rng_state(state: dict) -> None:
 def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
     """Loss and accuracy per epoch (train and validation) and the learning rate of each step."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
@@ -1497,14 +1167,20 @@ def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, titl
     axes[2].plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step)
     names = ("cross-entropy loss", "accuracy (%)", "learning rate (per step)")
     for axis, name in zip(axes, names):
-        axis.set(xlabel="epoch", ylabel=name, title=name.split(" (")[0].capitalize())
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
+        axis.set(ylabel=name, title=name.split(" (")[0].capitalize())
+        epoch_axis(axis, max(epochs, default=1))
     axes[0].legend(), axes[1].legend()
-    for axis in axes:  # from 0: a one-epoch run gets integer ticks too (0 and 1, not 0.995)
-        axis.set_xlim(0, max(epochs, default=1) + 0.25)
     figure.suptitle(title)
     save_figure(figure, path)
+
+
+def epoch_axis(axis, last_epoch: int) -> None:
+    """An x axis of whole epochs from 0 (a one-epoch run gets 0 and 1, not 0.995), and a grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set(xlabel="epoch", xlim=(0, last_epoch + 0.25))
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
 
 
 def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title: str) -> None:
@@ -1514,26 +1190,24 @@ def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title:
     import numpy as np
 
     matrix, size = np.array(confusion, dtype=float), len(class_names)
-    errors = np.where(np.eye(size, dtype=bool) | (matrix == 0), np.nan, matrix)  # 0: white
+    diagonal = np.eye(size, dtype=bool)
+    errors = np.where(diagonal | (matrix == 0), np.nan, matrix)  # nan: a white cell
     most = max(1.0, np.nanmax(errors, initial=0))
     figure, axis = plt.subplots(figsize=(max(6.5, size * 0.2 + 3), max(5.5, size * 0.2 + 2)))
     image = axis.imshow(errors, cmap="Reds", vmin=0, vmax=most)
-    axis.imshow(np.where(np.eye(size, dtype=bool), 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
+    axis.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
     figure.colorbar(image, ax=axis, label="misclassified test images (count)")
-    fontsize = 9 if size <= 20 else 6
+    fontsize, text = 9 if size <= 20 else 6, {"ha": "center", "va": "center", "fontsize": 7}
     axis.set_xticks(range(size), class_names, fontsize=fontsize)
     axis.set_yticks(range(size), class_names, fontsize=fontsize)
-    correct, total = int(np.trace(matrix)), int(matrix.sum())
     axis.set(xlabel="predicted class", ylabel="true class")
+    correct, total = int(np.trace(matrix)), int(matrix.sum())
     axis.set_title(f"{title}\n{correct:,} of {total:,} correct (grey diagonal)")
     for (row, column), value in np.ndenumerate(matrix if size <= 20 else np.zeros((0, 0))):
         if value or row == column:
-            dark = row != column and value > most / 2
-            style = {
-                "color": "white" if dark else "black",
-                "weight": "bold" if row == column else "normal",
-            }
-            axis.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=7, **style)
+            color = "white" if row != column and value > most / 2 else "black"
+            weight = "bold" if row == column else "normal"
+            axis.text(column, row, f"{value:.0f}", color=color, weight=weight, **text)
     save_figure(figure, path)
 
 
@@ -1541,8 +1215,8 @@ def summarize_runs(run_dirs: list[str], output_dir: str | Path) -> Path:
     """Mean, std (n - 1), min, max and n of each number in the finished runs' metrics.json,
     written to a new <prefix>_summary_<stamp> folder; the runs may differ only in the seed."""
     states = {Path(name): run_state(Path(name)) for name in run_dirs}
-    if "foreign" in states.values():
-        foreign = [str(d) for d, state in states.items() if state == "foreign"]
+    foreign = [str(d) for d, state in states.items() if state == "foreign"]
+    if foreign:
         raise UserError(f"--summarize: not runs of {SCRIPTS[RUN_PREFIX]}: {', '.join(foreign)}")
     finished = [d for d, state in states.items() if state == "finished"]
     if not finished:
@@ -1562,20 +1236,16 @@ def summarize_runs(run_dirs: list[str], output_dir: str | Path) -> Path:
         spread = statistics.stdev(column) if len(column) > 1 else 0.0
         metrics[key] = {"mean": statistics.fmean(column), "std": spread, "n": len(column)}
         metrics[key].update(min=min(column), max=max(column))
-    summary = {
-        "script": SCRIPTS[RUN_PREFIX],
-        "runs": [str(d) for d in finished],
-        "seeds": [r["args"]["seed"] for r in records],
-        "left_out_unfinished": [str(d) for d, state in states.items() if state != "finished"],
-        "settings": settings[0],
-        "metrics": metrics,
-    }
-    for run_dir in summary["left_out_unfinished"]:
+    unfinished = [str(d) for d, state in states.items() if state != "finished"]
+    for run_dir in unfinished:
         log(f"--summarize: left out {run_dir}: not finished (no {FINISHED_RECORD})")
+    seeds = [r["args"]["seed"] for r in records]
+    summary = {"script": SCRIPTS[RUN_PREFIX], "runs": [str(d) for d in finished], "seeds": seeds}
+    summary.update(left_out_unfinished=unfinished, settings=settings[0], metrics=metrics)
     folder = make_run_dir(output_dir, f"{RUN_PREFIX}_summary")
-    atomic_write_json(folder / "summary.json", summary)
-    atomic_write_text(folder / "summary.md", summary_markdown(summary))
-    plot_seed_curves(finished, summary["seeds"], folder / "summary.png")
+    atomic_write(folder / "summary.json", summary)
+    atomic_write(folder / "summary.md", summary_markdown(summary))
+    plot_seed_curves(finished, seeds, folder / "summary.png")
     return folder
 
 
@@ -1591,44 +1261,41 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def summary_markdown(summary: dict) -> str:
+    """A table of each metric's mean ± std, min, max and n, numbers in 4 significant digits
+    with thousands grouped (98.71, 0.0431, 14,338), accuracies in percent."""
     title = f"# {summary['script']}: {len(summary['runs'])} runs, seeds {summary['seeds']}"
     lines = [title, "", "| metric | mean ± std | min | max | n |", "|---|---|---|---|---|"]
     for key, s in summary["metrics"].items():
         scale, unit = (100, " (%)") if key.endswith("accuracy") else (1, "")
-        mean, std, low, high = (readable(scale * s[k]) for k in ("mean", "std", "min", "max"))
+        mean, std, low, high = (
+            f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+            for v in (scale * s[k] for k in ("mean", "std", "min", "max"))
+        )
         lines.append(f"| {key}{unit} | {mean} ± {std} | {low} | {high} | {s['n']} |")
     if summary["left_out_unfinished"]:
         lines += ["", "Left out (unfinished): " + ", ".join(summary["left_out_unfinished"])]
     return "\n".join(lines) + "\n"
 
 
-def readable(value: float) -> str:
-    """4 significant digits, thousands grouped: 98.71, 0.0431, 14,338 (not 1.434e+04)."""
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-
-
 def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:
     """Every run's validation accuracy per epoch, overlaid, one panel per history file."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     count = len(HISTORY_FILES)
-    figure, axes = plt.subplots(
-        1, count, figsize=(6 * count, 4), squeeze=False, layout="constrained"
-    )
-    for axis, name in zip(axes[0], HISTORY_FILES):
+    figure, axes = plt.subplots(1, count, figsize=(6 * count, 4), layout="constrained")
+    for axis, name in zip(figure.axes, HISTORY_FILES):
+        last_epoch = 1
         for run_dir, seed in [(d, s) for d, s in zip(run_dirs, seeds) if (d / name).is_file()]:
             with open(run_dir / name, newline="") as handle:
                 rows = list(csv.DictReader(handle))
+            epochs = [int(row["epoch"]) for row in rows]
             accuracy = [100 * float(row["val_accuracy"]) for row in rows]
-            axis.plot([int(row["epoch"]) for row in rows], accuracy, "o-", label=f"seed {seed}")
-        axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title=name)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.grid(alpha=0.3)
+            axis.plot(epochs, accuracy, "o-", label=f"seed {seed}")
+            last_epoch = max(last_epoch, *epochs)
+        axis.set(ylabel="validation accuracy (%)", title=name)
+        epoch_axis(axis, last_epoch)
         if axis.lines:  # none when no run has this file (linear_probe-only ResNet runs)
             axis.legend()
-            last = max(max(line.get_xdata()) for line in axis.lines)
-            axis.set_xlim(0, last + 0.25)  # from 0: integer ticks for one epoch too
     figure.suptitle(f"{SCRIPTS[RUN_PREFIX]}: validation accuracy of {len(run_dirs)} seeds")
     save_figure(figure, path)
 
@@ -1639,13 +1306,8 @@ def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, model: CNN, optimizer: SGD, state: dict) -> None:
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "state": state,
-        "rng": capture_rng_state(),
-    }
-    atomic_torch_save(payload, run_dir / CHECKPOINT_NAME)
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    atomic_write(run_dir / CHECKPOINT_NAME, {**payload, "rng": capture_rng_state()})
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -1662,64 +1324,37 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> dict:
+def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, classes=10) -> dict:
     """Confusion matrix (rows true, columns predicted) with per-class precision/recall/F1."""
-    confusion = torch.bincount(
-        labels.cpu() * num_classes + predicted.cpu(), minlength=num_classes**2
-    )
-    confusion = confusion.view(num_classes, num_classes).double()
-    true_positive = confusion.diagonal()
+    pairs = labels.cpu() * classes + predicted.cpu()
+    confusion = torch.bincount(pairs, minlength=classes**2).view(classes, classes)
+    true_positive = confusion.diagonal().double()
     precision = true_positive / confusion.sum(0).clamp(min=1)
     recall = true_positive / confusion.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return {
-        "macro_f1": float(f1.mean()),
-        "per_class": {
-            str(k): {
-                "precision": float(precision[k]),
-                "recall": float(recall[k]),
-                "f1": float(f1[k]),
-                "support": int(confusion[k].sum()),
-            }
-            for k in range(num_classes)
-        },
-        "confusion_matrix": confusion.long().tolist(),
-    }
+    columns = {"precision": precision, "recall": recall, "f1": f1, "support": confusion.sum(1)}
+    per_class = {str(k): {name: v[k].item() for name, v in columns.items()} for k in range(classes)}
+    matrix = confusion.tolist()
+    return {"macro_f1": float(f1.mean()), "per_class": per_class, "confusion_matrix": matrix}
 
 
-def plot_misclassified(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    predicted: torch.Tensor,
-    probabilities: torch.Tensor,
-    path: Path,
-    limit: int = 36,
-) -> None:
+def plot_misclassified(images, labels, predicted, probabilities, path: Path, limit=36) -> None:
     """The most confident mistakes first, each with its true class, the predicted one and the
     probability the network gave it."""
     import matplotlib.pyplot as plt
 
     labels, predicted, probabilities = labels.cpu(), predicted.cpu(), probabilities.cpu()
     wrong = (predicted != labels).nonzero().flatten()
-    shown = wrong[probabilities[wrong].argsort(descending=True, stable=True)][:limit]
-    columns = 6
-    rows = max(1, math.ceil(len(shown) / columns))
-    figure, axes = plt.subplots(
-        rows,
-        columns,
-        figsize=(columns * 1.7, rows * 1.9 + 0.5),
-        squeeze=False,
-        layout="constrained",
-    )
+    shown = wrong[probabilities[wrong].argsort(descending=True, stable=True)][:limit].tolist()
+    rows, columns = max(1, math.ceil(len(shown) / 6)), 6
+    size = (columns * 1.7, rows * 1.9 + 0.5)
+    figure, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.axis("off")
-    for axis, index in zip(axes.flat, shown.tolist()):
+    for axis, index in zip(axes.flat, shown):
         axis.imshow(images[index].cpu().numpy(), cmap="gray")
-        axis.set_title(
-            f"true {int(labels[index])}, predicted {int(predicted[index])}\n"
-            f"p = {float(probabilities[index]):.2f}",
-            fontsize=8,
-        )
+        true, guess, p = int(labels[index]), int(predicted[index]), float(probabilities[index])
+        axis.set_title(f"true {true}, predicted {guess}\np = {p:.2f}", fontsize=8)
     figure.suptitle(
         f"{len(shown)} of {len(wrong)} misclassified test images, most confident first "
         "(p: the predicted class's probability)"
@@ -1730,34 +1365,22 @@ def plot_misclassified(
 def write_results(args, model: CNN, data: dict, state: dict, run_dir: Path) -> dict:
     """Test-set evaluation, history, plots, then metrics.json: written last, it marks the run
     finished, so a run killed before it is resumed and writes them all again."""
-    test_x, test_y = data["test"]
+    (test_x, test_y), history, seconds = data["test"], state["history"], state["train_time_s"]
     test = evaluate(model, test_x, test_y)
-    metrics = {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        **classification_metrics(test_y, test["predictions"], 10),
-        "train_time_s": state["train_time_s"],
-        "images_per_s": sum(row["seconds"] * row["images_per_s"] for row in state["history"])
-        / max(state["train_time_s"], 1e-9),
-        "epochs": args.epochs,
-        "layers": args.layers,
-        "test_images": len(test_y),
-    }
+    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+    metrics.update(classification_metrics(test_y, test["predictions"]))
+    images = sum(row["seconds"] * row["images_per_s"] for row in history)
+    metrics.update(train_time_s=seconds, images_per_s=images / max(seconds, 1e-9))
+    metrics.update(epochs=args.epochs, layers=args.layers, test_images=len(test_y))
     title = f"cnn_from_scratch.py ({args.layers} layers), seed {args.seed}"
-    write_csv(run_dir / "history.csv", state["history"])
-    plot_training_curves(
-        state["history"], state["lr_by_step"], run_dir / "training_curves.png", title
-    )
-    plot_confusion_matrix(
-        metrics["confusion_matrix"],
-        [str(k) for k in range(10)],
-        run_dir / "confusion_matrix.png",
-        f"Test confusion matrix, {title}",
-    )
-    plot_misclassified(
-        test_x, test_y, test["predictions"], test["probabilities"], run_dir / "misclassified.png"
-    )
-    atomic_write_json(run_dir / FINISHED_RECORD, metrics)
+    write_csv(run_dir / "history.csv", history)
+    plot_training_curves(history, state["lr_by_step"], run_dir / "training_curves.png", title)
+    confusion, classes = metrics["confusion_matrix"], [str(k) for k in range(10)]
+    heading = f"Test confusion matrix, {title}"
+    plot_confusion_matrix(confusion, classes, run_dir / "confusion_matrix.png", heading)
+    predicted, probabilities = test["predictions"], test["probabilities"]
+    plot_misclassified(test_x, test_y, predicted, probabilities, run_dir / "misclassified.png")
+    atomic_write(run_dir / FINISHED_RECORD, metrics)
     return metrics
 
 
@@ -1779,8 +1402,7 @@ def open_run(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None,
         if args.resume == "auto":
             log("resume: no unfinished run found, starting a new run")
         return None, None
-    recorded = read_run_record(run_dir)["args"]
-    merge_resumed_args(args, recorded, explicit)
+    merge_resumed_args(args, read_run_record(run_dir)["args"], explicit)
     checkpoint = read_checkpoint(run_dir / CHECKPOINT_NAME)
     removed = remove_stale_temp_files(run_dir)
     if removed:
@@ -1790,10 +1412,7 @@ def open_run(args: argparse.Namespace, explicit: set[str]) -> tuple[Path | None,
 
 def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     if args.check_gradients:
-        lines, within = check_gradients()
-        for line in lines:
-            log(line)
-        return 0 if within else FAILURE_EXIT_CODE
+        return check_gradients()
     if args.summarize:
         log(f"summary: {summarize_runs(args.summarize, args.output_dir)}")
         return 0
@@ -1807,45 +1426,37 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     data = load_data(args, device)
     sizes = ", ".join(f"{len(x)} {name}" for name, (x, _) in data.items())
     log(f"data: {sizes} images, uint8 on {device}")
-    model = CNN(
-        layers=args.layers, device=device, generator=torch.Generator().manual_seed(args.seed)
-    )
+    generator = torch.Generator().manual_seed(args.seed)
+    model = CNN(layers=args.layers, device=device, generator=generator)
     optimizer = SGD(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    log(f"model: {model.num_parameters():,} parameters, {args.layers} hand-written layers")
-    state = new_training_state()
-    if checkpoint is not None:
+    parameters = sum(tensor.numel() for tensor in model.parameters().values())
+    log(f"model: {parameters:,} parameters, {args.layers} hand-written layers")
+    if checkpoint is None:
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        config = {"args": vars(args), "environment": environment, "parameters": parameters}
+        run_dir = new_run(args.output_dir, config)
+        # Where training stands; checkpointed, so that a resume continues bit-identically.
+        state = {"epoch": 0, "step_in_epoch": 0, "history": [], "lr_by_step": [], "train_time_s": 0}
+    else:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
         restore_rng_state(checkpoint["rng"])
         log(f"resumed {run_dir} at epoch {state['epoch']} step {state['step_in_epoch']}")
-    else:
-        random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        config = {
-            "args": vars(args),
-            "environment": environment,
-            "parameters": model.num_parameters(),
-        }
-        run_dir = new_run(args.output_dir, config)
     log(f"run folder: {run_dir}")
     outcome = train(args, model, optimizer, data, state, stop, run_dir)
     if outcome == "diverged":
-        kept = (
-            f"the last good checkpoint (epoch {state['epoch']}) is kept in {run_dir}"
-            if state["epoch"]
-            else "no checkpoint was written (that needs a finished epoch)"
-        )
-        print(
-            f"error: the training loss became NaN/inf in epoch {state['epoch'] + 1}; {kept}. "
-            f"Lower --lr (now {args.lr}) or raise --warmup-epochs",
-            file=sys.stderr,
-            flush=True,
-        )
+        epoch, advice = state["epoch"], f"Lower --lr (now {args.lr}) or raise --warmup-epochs"
+        kept = f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}"
+        kept = kept if epoch else "no checkpoint was written (that needs a finished epoch)"
+        message = f"the training loss became NaN/inf in epoch {epoch + 1}; {kept}. {advice}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return DIVERGED_EXIT_CODE
     if outcome == "stopped":
-        for line in stop_lines(stop, run_dir, f" in epoch {state['epoch'] + 1}"):
-            log(line)
+        epoch, step = state["epoch"], state["step_in_epoch"]
+        where = f" in epoch {epoch + 1} (step {step})" if step else f" after epoch {epoch}"
+        log("\n".join(stop_lines(stop, run_dir, where)))
         return stop.exit_code
     metrics = write_results(args, model, data, state, run_dir)
     log(

@@ -3,7 +3,7 @@
 Everything up to layer3 is frozen in eval mode and the images are not augmented, so layer3's
 output per image never changes: resnet18.py can compute it once per split (frozen_outputs) and
 train layer4 + fc on it. This times one training epoch both ways on resnet18.py's own pieces
-(RegimeInputs, StagesFrom, training_step: the same AdamW, schedule and batches), on synthetic
+(StagesFrom, Job, training_step: the same AdamW, schedule and batches), on synthetic
 EMNIST-shaped images (random backbone weights cost the same as ImageNet's):
 
   uncached   every step preprocesses the batch's uint8 images and runs the whole network
@@ -22,7 +22,6 @@ held-out batch is printed. The last line is the speed-up of an epoch, uncached /
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import sys
@@ -37,38 +36,22 @@ import resnet18  # noqa: E402
 REGIME = "partial_unfreeze"
 
 
-def make_job(inputs: resnet18.RegimeInputs, precision, batch_size: int) -> resnet18.Job:
-    """partial_unfreeze as resnet18.py sets it up (same seed, so the same initial weights)."""
+def make_job(splits: dict, first: int, img_size: int, precision, batch_size: int) -> resnet18.Job:
+    """partial_unfreeze as resnet18.py sets it up (same seed, so the same initial weights) on
+    `splits` (images, or the frozen stages' output when `first` > 0)."""
     torch.manual_seed(0)
-    model = resnet18.build_model(REGIME, None).to(inputs.device)
+    model = resnet18.build_model(REGIME, None).to(splits["train"][1].device)
     settings = dict(resnet18.REGIME_DEFAULTS[REGIME], batch_size=batch_size)
-    steps = math.ceil(inputs.size("train") / batch_size)
-    optimizer, scheduler, scaler = resnet18.optimiser_and_schedule(
-        model, settings, steps, precision
-    )
-    module = resnet18.StagesFrom(model, inputs.first)
-    world = resnet18.World()
-    return resnet18.Job(
-        REGIME,
-        settings,
-        model,
-        module,
-        inputs,
-        optimizer,
-        scheduler,
-        scaler,
-        precision,
-        world,
-        Path(),
-    )
+    stages = resnet18.StagesFrom(model, first, img_size)
+    return resnet18.Job(REGIME, settings, stages, splits, precision, resnet18.World(), Path())
 
 
 def epoch_seconds(job: resnet18.Job, batch_size: int, seed: int) -> float:
     """One epoch of resnet18.training_step, in its training mode (layer4 in train mode)."""
-    device = job.inputs.device
-    batches = resnet18.iterate_batches(
-        job.inputs.size("train"), batch_size, torch.Generator().manual_seed(seed), device
-    )
+    labels = job.splits["train"][1]
+    generator = torch.Generator().manual_seed(seed)
+    device = labels.device
+    batches = resnet18.iterate_batches(len(labels), batch_size, generator, device)
     resnet18.set_regime_mode(job.model, REGIME, training=True)
     started = time.perf_counter()
     for index in batches:
@@ -113,23 +96,22 @@ def main() -> None:
     )
 
     stages = resnet18.FROZEN_STAGES[REGIME]
-    uncached = resnet18.RegimeInputs({"train": (images[train], labels[train])}, 0, args.img_size)
-    jobs = {"uncached": make_job(uncached, precision, args.batch_size)}
+    uncached = {"train": (images[train], labels[train])}
+    jobs = {"uncached": make_job(uncached, 0, args.img_size, precision, args.batch_size)}
     started = time.perf_counter()  # the frozen stages of the same (seeded) weights
     cached = resnet18.frozen_outputs(
         jobs["uncached"].model, images, stages, args.img_size, precision
     )
     cache_seconds = time.perf_counter() - started
-    inputs = resnet18.RegimeInputs({"train": (cached[train], labels[train])}, stages, args.img_size)
-    jobs["cached"] = make_job(inputs, precision, args.batch_size)
+    splits = {"train": (cached[train], labels[train])}
+    jobs["cached"] = make_job(splits, stages, args.img_size, precision, args.batch_size)
     # The same logits from both paths (before any training step changes the weights).
     logits = {}
     for name, job in jobs.items():
         rows = images[held_out] if name == "uncached" else cached[held_out]
-        inputs = resnet18.RegimeInputs(
-            {"test": (rows, labels[held_out])}, job.inputs.first, args.img_size
+        result = resnet18.evaluate_split(
+            job.stages, rows, labels[held_out], precision, keep_scores=True
         )
-        result = resnet18.evaluate_split(job.module, inputs, "test", precision, keep_scores=True)
         logits[name] = result["scores"]
     difference = (logits["cached"] - logits["uncached"]).abs().max().item()
     print(f"max |logit difference| cached vs uncached on 256 images: {difference:.2e}", flush=True)

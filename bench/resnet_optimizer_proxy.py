@@ -66,14 +66,13 @@ def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list
         "train": (rows[train_index], labels[train_index]),
         "val": (rows[val_index], labels[val_index]),
     }
-    inputs = resnet18.RegimeInputs(splits, first, IMG_SIZE)
-    module = resnet18.StagesFrom(model, first)
+    module = resnet18.StagesFrom(model, first, IMG_SIZE)
     progress = []
     for epoch in range(epochs):
         resnet18.set_regime_mode(model, regime, training=True)
         generator = torch.Generator().manual_seed(epoch)
         for index in resnet18.iterate_batches(len(train_index), BATCH_SIZE, generator, "cpu"):
-            rows, batch_labels = inputs.batch("train", index)
+            rows, batch_labels = splits["train"][0][index], splits["train"][1][index]
             with precision.autocast():
                 logits = module(rows)
             loss = resnet18.classification_loss(logits, batch_labels)
@@ -81,8 +80,8 @@ def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list
             loss.backward()
             optimizer.step()
             scheduler.step()
-        train_loss = resnet18.evaluate_split(module, inputs, "train", precision)["loss"]
-        val_accuracy = resnet18.evaluate_split(module, inputs, "val", precision)["accuracy"]
+        train_loss = resnet18.evaluate_split(module, *splits["train"], precision)["loss"]
+        val_accuracy = resnet18.evaluate_split(module, *splits["val"], precision)["accuracy"]
         progress.append((epoch + 1, round(train_loss, 3), round(val_accuracy, 3)))
     return progress
 

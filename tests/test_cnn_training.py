@@ -275,11 +275,19 @@ def test_sigterm_from_outside_checkpoints_and_prints_a_working_resume_command(tm
     run_dir = only_run_dir(out)
     lines = stdout.strip().splitlines()
     assert lines[-1] == f"stopped: {run_dir}"
-    assert lines[-2] == (
-        f"stopped by SIGTERM; continue with: python cnn_from_scratch.py --resume {run_dir}"
-    )
     checkpoint = torch.load(run_dir / "checkpoint_last.pt", weights_only=False)
     assert 1 <= checkpoint["state"]["epoch"] < 30
+    stopped = re.fullmatch(
+        r"stopped by SIGTERM (in epoch (\d+) \(step (\d+)\)|after epoch (\d+)); continue with: "
+        + re.escape(f"python cnn_from_scratch.py --resume {run_dir}"),
+        lines[-2],
+    )
+    state = checkpoint["state"]
+    assert stopped, lines[-2]
+    if stopped[4]:  # at an epoch's end
+        assert int(stopped[4]) == state["epoch"] and state["step_in_epoch"] == 0
+    else:  # the epoch it was in, and the step the checkpoint continues from
+        assert (int(stopped[2]), int(stopped[3])) == (state["epoch"] + 1, state["step_in_epoch"])
 
 
 def test_ctrl_c_checkpoints_exits_130_and_the_printed_command_resumes(
@@ -371,16 +379,16 @@ def test_history_is_never_short_of_metrics_after_a_kill_and_resume(
 ):
     """Killed right after the last epoch's checkpoint: the resume writes the outputs from the
     checkpoint, and history.csv has every epoch that metrics.json reports."""
-    original_save, calls = cnn.atomic_torch_save, [0]
+    original_write, checkpoints = cnn.atomic_write, [0]
 
-    def save_then_kill(*args, **kwargs):
-        original_save(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == 3:
+    def write_then_kill(path, payload):
+        original_write(path, payload)
+        checkpoints[0] += path.name == cnn.CHECKPOINT_NAME
+        if checkpoints[0] == 3:
             raise Killed
 
     with monkeypatch.context() as patch, pytest.raises(Killed):
-        patch.setattr(cnn, "atomic_torch_save", save_then_kill)
+        patch.setattr(cnn, "atomic_write", write_then_kill)
         cnn.main(small_run_args(mnist_dir, tmp_path))
     run_dir = only_run_dir(tmp_path)
     assert not (run_dir / "metrics.json").exists()

@@ -72,6 +72,14 @@ def test_from_scratch_cnn_on_cuda_matches_the_cpu():
     ):
         for name, grad in cpu_layer.grads.items():
             torch.testing.assert_close(grad, cuda_layer.grads[name].cpu(), rtol=1e-9, atol=1e-12)
+    # A resume loads the optimizer's momentum to the CPU (map_location="cpu"): it must step on.
+    optimizer = cnn.SGD(cuda_model, 0.1)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    resumed = cnn.SGD(cuda_model, 0.1)
+    resumed.load_state_dict({**saved, "buffers": {k: v.cpu() for k, v in saved["buffers"].items()}})
+    resumed.step()
+    assert all(buffer.is_cuda for buffer in resumed.buffers.values())
 
 
 @cuda_test
@@ -95,10 +103,9 @@ def test_cached_and_uncached_logits_agree_on_cuda():
     cached = resnet18.frozen_outputs(model, images, 4, 96, precision)
     scores = []
     for rows, first in ((images, 0), (cached, 4)):
-        inputs = resnet18.RegimeInputs({"test": (rows, labels)}, first, 96, channels_last=True)
-        module = resnet18.StagesFrom(model, first)
+        module = resnet18.StagesFrom(model, first, 96)  # channels_last on CUDA
         scores.append(
-            resnet18.evaluate_split(module, inputs, "test", precision, keep_scores=True)["scores"]
+            resnet18.evaluate_split(module, rows, labels, precision, keep_scores=True)["scores"]
         )
     torch.testing.assert_close(scores[0], scores[1], rtol=2e-2, atol=2e-2)
 

@@ -307,12 +307,9 @@ def test_cached_frozen_stages_give_the_same_logits_as_the_uncached_path(emnist, 
     assert tuple(cached.shape) == expected_shape
     assert cached.dtype == (torch.bfloat16 if amp else torch.float32)
     results = {}
-    for name, inputs in (
-        ("cached", resnet18.RegimeInputs({"test": (cached, labels)}, stages, 32)),
-        ("uncached", resnet18.RegimeInputs({"test": (images, labels)}, 0, 32)),
-    ):
-        module = resnet18.StagesFrom(model, inputs.first)
-        results[name] = resnet18.evaluate_split(module, inputs, "test", precision, keep_scores=True)
+    for name, rows, first in (("cached", cached, stages), ("uncached", images, 0)):
+        module = resnet18.StagesFrom(model, first, 32)
+        results[name] = resnet18.evaluate_split(module, rows, labels, precision, keep_scores=True)
         with torch.no_grad(), precision.autocast():
             direct = (
                 model(resnet18.normalise_and_resize(images, 32)) if name == "uncached" else None
@@ -729,9 +726,8 @@ def test_early_stopping_triggers_and_restores_the_best_epoch(emnist, tmp_path):
     for name, checkpoint in (("best", best), ("last", last)):
         model = resnet18.build_model("linear_probe", None)
         model.load_state_dict(checkpoint["model"])
-        inputs = resnet18.RegimeInputs(data, 0, 32)
-        module = resnet18.StagesFrom(model, 0)
-        losses[name] = resnet18.evaluate_split(module, inputs, "test", precision)["loss"]
+        module = resnet18.StagesFrom(model, 0, 32)
+        losses[name] = resnet18.evaluate_split(module, *data["test"], precision)["loss"]
     assert metrics["test_loss"] == pytest.approx(losses["best"], rel=1e-5)
     assert abs(losses["best"] - losses["last"]) > 1e-4
 
@@ -1108,6 +1104,23 @@ def test_help_shows_each_default_once_and_right():
 def test_resume_contradicting_the_run_is_refused(reference_run):
     code, _, stderr = run_main([*BASE_ARGS, "--resume", str(reference_run["dir"]), "--lr", "0.3"])
     assert code == 2 and ("contradicts" in stderr or "is finished" in stderr)
+
+
+def test_a_moved_data_folder_is_accepted_on_resume(emnist, tmp_path, monkeypatch):
+    """--data-dir says where the data is, not what the run computes: a resume may name another
+    folder (without it, the run's own is used, as the resume tests above show)."""
+    arm_signal_at_training_step(monkeypatch, 2)
+    code, stdout, _ = run_main(data_args(emnist, tmp_path / "runs", "--regime", "linear_probe"))
+    run_dir = stopped_folder(stdout)
+    moved = tmp_path / "moved"
+    (moved / "EMNIST").mkdir(parents=True)
+    os.symlink(emnist["raw"], moved / "EMNIST" / "raw")
+    monkeypatch.setattr(resnet18, "classification_loss", ORIGINAL_LOSS)
+    code, stdout, stderr = run_main(["--resume", str(run_dir), "--data-dir", str(moved)])
+    assert code == 0, stderr
+    assert results_folder(stdout) == run_dir
+    recorded = json.loads((run_dir / "config.json").read_text())["args"]["data_dir"]
+    assert recorded == str(emnist["dir"].resolve())  # config.json is never rewritten
 
 
 def test_an_explicit_option_equal_to_its_default_is_a_contradiction(emnist, tmp_path, monkeypatch):
