@@ -1188,6 +1188,7 @@ def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title:
     shows beside thousands of right answers; counts in the cells for up to 20 classes."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     matrix, size = np.array(confusion, dtype=float), len(class_names)
     diagonal = np.eye(size, dtype=bool)
@@ -1196,7 +1197,8 @@ def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title:
     figure, axis = plt.subplots(figsize=(max(6.5, size * 0.2 + 3), max(5.5, size * 0.2 + 2)))
     image = axis.imshow(errors, cmap="Reds", vmin=0, vmax=most)
     axis.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
-    figure.colorbar(image, ax=axis, label="misclassified test images (count)")
+    counts = MaxNLocator(integer=True)  # no ticks at half an image
+    figure.colorbar(image, ax=axis, label="misclassified test images (count)", ticks=counts)
     fontsize, text = 9 if size <= 20 else 6, {"ha": "center", "va": "center", "fontsize": 7}
     axis.set_xticks(range(size), class_names, fontsize=fontsize)
     axis.set_yticks(range(size), class_names, fontsize=fontsize)

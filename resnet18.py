@@ -1177,6 +1177,7 @@ def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title:
     shows beside thousands of right answers; counts in the cells for up to 20 classes."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     matrix, size = np.array(confusion, dtype=float), len(class_names)
     diagonal = np.eye(size, dtype=bool)
@@ -1185,7 +1186,8 @@ def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title:
     figure, axis = plt.subplots(figsize=(max(6.5, size * 0.2 + 3), max(5.5, size * 0.2 + 2)))
     image = axis.imshow(errors, cmap="Reds", vmin=0, vmax=most)
     axis.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
-    figure.colorbar(image, ax=axis, label="misclassified test images (count)")
+    counts = MaxNLocator(integer=True)  # no ticks at half an image
+    figure.colorbar(image, ax=axis, label="misclassified test images (count)", ticks=counts)
     fontsize, text = 9 if size <= 20 else 6, {"ha": "center", "va": "center", "fontsize": 7}
     axis.set_xticks(range(size), class_names, fontsize=fontsize)
     axis.set_yticks(range(size), class_names, fontsize=fontsize)
@@ -1473,9 +1475,11 @@ def write_comparison(run_dir: Path, results: dict[str, dict]) -> None:
             history = list(csv.DictReader(handle))
         accuracy = [100 * float(row["val_accuracy"]) for row in history]
         curves.plot([int(row["epoch"]) for row in history], accuracy, "o-", label=regime)
-    scores.set_xticks([k + 0.2 for k in range(len(PERCENT_METRICS))], PERCENT_METRICS, fontsize=8)
+    names = [key.replace("_", "\n") for key in PERCENT_METRICS]
+    scores.set_xticks([k + 0.2 for k in range(len(PERCENT_METRICS))], names)
     scores.set(ylim=(0, 109), ylabel="percent of the test set", title="Test scores")
-    curves.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    curves.set(ylabel="validation accuracy (%)", title="Validation accuracy")
+    epoch_axis(curves, max(int(max(line.get_xdata())) for line in curves.lines))
     seconds = [results[regime]["train_time_s"] for regime in regimes]
     times.bar_label(times.bar(regimes, seconds, color=["tab:blue", "tab:orange"]), fmt="%.1f")
     times.set(ylabel="seconds", title="Training time: steps, validation, frozen pass")
@@ -1555,9 +1559,9 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
         if not isinstance(error, (UserError, OutputError)):
             where = f"rank {world.rank} of {world.size} on {socket.gethostname()}"
             died = "Another process of this job has died or hung (its own log says why)"
-            resume = "--resume <the run folder this log names> continues from the last checkpoint"
+            resume = "--resume <the run folder this log names> continues it"
             message = f"{where}: stopping after {error_text(error)}. {died}, or this one failed; "
-            message += resume
+            message += f"the checkpoints written before are intact: {resume}"
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(USAGE_EXIT_CODE if isinstance(error, UserError) else FAILURE_EXIT_CODE)
