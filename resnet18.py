@@ -102,12 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help=where)
     where = "where run folders are made. Default: $RESULTS_DIR, else ./results"
     add("--output-dir", default=os.environ.get("RESULTS_DIR", "./results"), help=where)
-    add(
-        "--regime",
-        default="both",
-        choices=[*REGIMES, "both"],
-        help="both: one, the other, a comparison",
-    )
+    which = "both: each in turn, then a comparison"
+    add("--regime", default="both", choices=[*REGIMES, "both"], help=which)
     for name, kind, what in (
         ("epochs", positive_int, "most epochs (early stopping may end sooner)"),
         ("lr", positive_float, "peak AdamW learning rate"),
