@@ -938,8 +938,9 @@ def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[s
 def apply_array_seed(args: argparse.Namespace) -> int:
     """In a SLURM job array each task trains its own seed: --seed + SLURM_ARRAY_TASK_ID."""
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
-    args.seed += int(task) if task.isdigit() else 0
-    return int(task) if task.isdigit() else 0
+    offset = int(task) if task.isdigit() else 0
+    args.seed += offset
+    return offset
 
 
 class StopSignal:

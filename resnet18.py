@@ -928,8 +928,9 @@ def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[s
 def apply_array_seed(args: argparse.Namespace) -> int:
     """In a SLURM job array each task trains its own seed: --seed + SLURM_ARRAY_TASK_ID."""
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
-    args.seed += int(task) if task.isdigit() else 0
-    return int(task) if task.isdigit() else 0
+    offset = int(task) if task.isdigit() else 0
+    args.seed += offset
+    return offset
 
 
 class StopSignal:
@@ -1309,22 +1310,27 @@ CHECKPOINTED = ("model", "optimizer", "scheduler", "scaler")  # the parts of a J
 
 
 def save_regime_checkpoint(job: Job, improved: bool) -> None:
-    """history.csv, best.pt (if the epoch improved: what evaluating it needs, no optimiser), then
+    """history.csv, best.pt (if the epoch improved; no optimiser state), then
     last.pt, from the same state: none is ever behind the checkpoint a resume continues."""
     if job.world.rank != 0:
         return
     write_csv(job.folder / "history.csv", job.state["history"])
     if improved:
-        early = job.state["early_stopping"]
-        best = {"model": {**job.model.state_dict(), **job.state["best_weights"]}}
-        best.update(regime=job.regime, epoch=early["best_epoch"])
-        best["val_accuracy"] = early["best_val_accuracy"]
-        best.update(img_size=job.stages.img_size, classes=EMNIST_BYCLASS_CHARS)
-        atomic_write(job.folder / "best.pt", best)
+        write_best(job)
     checkpoint = {part: getattr(job, part).state_dict() for part in CHECKPOINTED}  # scaler: {}
     checkpoint.update(state=job.state, epoch=job.state["epoch"], rng=capture_rng_state())
     checkpoint.update(autocast_dtype=job.precision.autocast_dtype, regime=job.regime)
     atomic_write(job.folder / "last.pt", {**checkpoint, "settings": job.settings})
+
+
+def write_best(job: Job) -> None:
+    """best.pt: what evaluating the best epoch needs (weights, regime, its validation score)."""
+    early = job.state["early_stopping"]
+    best = {"model": {**job.model.state_dict(), **job.state["best_weights"]}}
+    best.update(regime=job.regime, epoch=early["best_epoch"])
+    best["val_accuracy"] = early["best_val_accuracy"]
+    best.update(img_size=job.stages.img_size, classes=EMNIST_BYCLASS_CHARS)
+    atomic_write(job.folder / "best.pt", best)
 
 
 def resume_job(job: Job, checkpoint: dict, path: Path) -> None:
@@ -1346,7 +1352,8 @@ def resume_job(job: Job, checkpoint: dict, path: Path) -> None:
     if dtype != job.precision.autocast_dtype:
         log(f"{job.regime}: ran {dtype or 'float32'} so far; now {job.precision.describe()}")
     if job.state["best_weights"] is not None and not (job.folder / "best.pt").is_file():
-        save_regime_checkpoint(job, improved=True)  # the same last.pt, and best.pt again
+        if job.world.rank == 0:
+            write_best(job)
         log(f"{job.regime}: best.pt was missing: rebuilt from {path}")
 
 
