@@ -24,47 +24,99 @@ the command that continues it (with the same number of processes).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
-import datetime
-import fcntl
-import inspect
-import io
-import json
-import math
-import os
-import platform
-import random
-import re
 import signal
-import socket
-import statistics
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 if __name__ == "__main__":
-    # Hold stop signals while torch imports (seconds): StopSignal takes them when it starts.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # Hold Ctrl-C, SIGTERM and SIGUSR1 while the imports run (seconds): StopSignal takes them
+    # when it starts, so that even an early signal ends in a clean, resumable exit.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import datetime  # noqa: E402
+import fcntl  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-RUN_PREFIX = "resnet"
-# Options a resume takes from config.json; an explicit value that differs is refused.
-RUN_DEFINING_ARGS = (
-    *("regime", "epochs", "lr", "weight_decay", "warmup_epochs", "patience", "min_delta"),
-    *("batch_size", "img_size", "amp", "limit_train", "limit_test", "val_fraction", "seed"),
-    *("weights", "lr_scaling"),
+from run_management import (  # noqa: E402
+    CHECKPOINT_NAME,
+    DIVERGED_EXIT_CODE,
+    FAILURE_EXIT_CODE,
+    FINISHED_RECORD,
+    USAGE_EXIT_CODE,
+    ArgumentParser,
+    OutputError,
+    RunLock,
+    RunSpec,
+    StopSignal,
+    UserError,
+    apply_array_seed,
+    atomic_write,
+    capture_rng_state,
+    environment_summary,
+    error_text,
+    explicit_options,
+    find_resume_run,
+    ignore_stop_signals,
+    log,
+    merge_resumed_args,
+    new_run,
+    non_negative_float,
+    number_type,
+    open_fraction,
+    positive_float,
+    positive_int,
+    read_run_record,
+    remove_stale_temp_files,
+    restore_rng_state,
+    run_main,
+    save_figure,
+    seed_int,
+    select_device,
+    stop_lines,
+    summarize_runs,
+    write_csv,
 )
-PROGRESS_FILES = ("*/last.pt", "*/metrics.json")
-HISTORY_FILES = ("linear_probe/history.csv", "partial_unfreeze/history.csv")
+
+RUN = RunSpec(
+    prefix="resnet",
+    script="resnet18.py",
+    # Options a resume takes from config.json; an explicit value that differs is refused.
+    defining_args=(
+        "regime",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "patience",
+        "min_delta",
+        "batch_size",
+        "img_size",
+        "amp",
+        "limit_train",
+        "limit_test",
+        "val_fraction",
+        "seed",
+        "weights",
+        "lr_scaling",
+    ),
+    progress_files=(f"*/{CHECKPOINT_NAME}", f"*/{FINISHED_RECORD}"),
+    history_files=("linear_probe/history.csv", "partial_unfreeze/history.csv"),
+)
 
 EMNIST_BYCLASS_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 NUM_CLASSES = len(EMNIST_BYCLASS_CHARS)
@@ -96,7 +148,7 @@ FROZEN_STAGES = {"linear_probe": 6, "partial_unfreeze": 4}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     where = "holds EMNIST/raw/ (downloaded there when missing). Default: $DATA_DIR, else ./data"
     add("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help=where)
@@ -116,13 +168,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     gain = "early stopping: the validation-accuracy gain that counts (0.001: 0.1 points)"
     add("--min-delta", type=non_negative_float, default=0.0005, help=gain)
     add("--batch-size", type=positive_int, default=512, help="training batch of each process")
-    side = number_type(int, lambda side: 32 <= side <= 512, "a side from 32 to 512")
+    side = number_type(int, 32, 512, "a side from 32 to 512")
     add("--img-size", type=side, default=DEFAULT_IMG_SIZE, help="side to resize to (bilinear)")
     amp = "mixed precision: bf16 (CPU, compute capability >= 8.0), else fp16 + GradScaler"
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help=amp)
     for part in ("train", "test"):
         add(f"--limit-{part}", type=positive_int, help=f"a stratified subset of the {part} images")
-    share = number_type(float, lambda share: 0 < share < 1, "a fraction between 0 and 1")
+    share = open_fraction
     add("--val-fraction", type=share, default=0.1, help="training images held out to validate")
     add("--seed", type=seed_int, default=0, help="fc's init, splits, shuffles")
     auto = "auto: cuda, else mps, else cpu (an error in a SLURM job given unusable GPUs)"
@@ -142,62 +194,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     seeds = "mean and spread of finished runs' metrics (several seeds), in a new folder"
     add("--summarize", nargs="+", metavar="RUN_DIR", help=seeds)
     return parser
-
-
-def error_text(error: BaseException) -> str:
-    """An exception as "OSError: disk full" (its type alone when it has no message)."""
-    text = first_line(error)
-    return text if text == type(error).__name__ else f"{type(error).__name__}: {text}"
-
-
-def select_device(name: str) -> torch.device:
-    """--device as a torch.device: auto is cuda, else mps, else cpu; but in a SLURM job given
-    GPUs that torch cannot use (a torch build whose CUDA the driver does not support, say),
-    an error that names what torch and nvidia-smi see, never a silent fall back to the CPU."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    gpu_variables = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
-    allocated = {v.strip() for k, v in os.environ.items() if k.startswith(gpu_variables)}
-    given_gpus = "SLURM_JOB_ID" in os.environ and bool(allocated - {"", "NoDevFiles"})
-    if name == "auto":
-        name = "cuda" if cuda or given_gpus else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
-        try:
-            smi = subprocess.run(query, capture_output=True, text=True, timeout=30)
-            lines = [line.strip() for line in (smi.stdout or smi.stderr).splitlines()]
-            found = f"nvidia-smi reports {'; '.join(filter(None, lines)) or 'nothing'}"
-        except (OSError, subprocess.SubprocessError) as error:
-            found = f"nvidia-smi does not run here ({first_line(error)})"
-        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "the CPU only"
-        raise UserError(
-            f"this job was given GPUs (or --device cuda), but torch {torch.__version__}, built "
-            f"for {built}, cannot use them; {found}. Install a torch whose CUDA build this "
-            "driver supports (nvidia-smi's header shows the highest CUDA it runs), or pass "
-            "--device cpu to train on the CPU"
-        )
-    if name == "mps" and not mps:
-        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
-def environment_summary(device: torch.device) -> dict:
-    """What ran where: versions, host, device and SLURM job, for the log and config.json."""
-    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
-    try:
-        commit = subprocess.run(git, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "host": socket.gethostname(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu_threads": torch.get_num_threads(),
-        "git_commit": commit or None,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
-    }
 
 
 @dataclass(frozen=True)
@@ -822,326 +818,8 @@ def train_regime_epoch(job: Job, args: argparse.Namespace, stop: StopSignal) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Runs: exit codes, errors, signals, atomic outputs, run folders, resume and seed summaries.
-# The same, line for line, in cnn_from_scratch.py and resnet18.py (a test holds it so); what
-# differs is in each script's RUN_PREFIX, RUN_DEFINING_ARGS, PROGRESS_FILES, HISTORY_FILES.
+# Outputs of this script: checkpoints, test metrics, the comparison of the regimes
 # --------------------------------------------------------------------------------------------
-
-FAILURE_EXIT_CODE = 1  # a write failed (disk full, ...), or another process of the job died
-USAGE_EXIT_CODE = 2  # bad input: the one `error:` line says what to fix
-DIVERGED_EXIT_CODE = 3  # the loss became NaN/inf or exploded
-RESUMABLE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue
-INTERRUPTED_EXIT_CODE = 130  # stopped by Ctrl-C after a checkpoint, or aborted by a second one
-RUN_RECORD = "config.json"  # written when the run folder is made, never rewritten
-FINISHED_RECORD = "metrics.json"  # written last: its presence means the run is finished
-SCRIPTS = {"cnn": "cnn_from_scratch.py", "resnet": "resnet18.py"}
-# Where or how fast a run went, not what it computed: runs differing only in these (and the
-# seed) are summarised together.
-NOT_SETTINGS = ("seed", "data_dir", "output_dir", "resume", "device", "summarize", "no_download")
-
-
-class UserError(Exception):
-    """A mistake the user can fix: one `error:` line, exit code 2."""
-
-
-class OutputError(Exception):
-    """A file could not be written (disk full, file-size limit, path too long): exit code 1."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (some run to dozens), at most 200 characters."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(USAGE_EXIT_CODE)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a default once: not when the help already names it, nor when there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text, default = action.help or "", action.default
-        if "default" in text.lower() or default in (None, argparse.SUPPRESS) or default is False:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def number_type(convert, accept, expected: str):
-    """An argparse `type=` that also refuses nan, inf and values outside `accept`."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except (ValueError, OverflowError):
-            value = math.nan
-        if math.isfinite(value) and accept(value):
-            return value
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-
-    return parse
-
-
-positive_int = number_type(int, lambda value: value >= 1, "a whole number of at least 1")
-seed_int = number_type(int, lambda value: 0 <= value < 2**32, "a seed from 0 to 4294967295")
-positive_float = number_type(float, lambda value: value > 0, "a finite number above 0")
-non_negative_float = number_type(float, lambda value: value >= 0, "a finite number >= 0")
-
-
-def explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The options the command line gave itself, one equal to its default included (parsed
-    again with every default hidden)."""
-    defaults = [(action, action.default) for action in parser._actions]
-    try:
-        for action, _ in defaults:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in defaults:
-            action.default = default
-
-
-def merge_resumed_args(args: argparse.Namespace, recorded: dict, explicit: set[str]) -> None:
-    """A resumed run keeps what it was made with: RUN_DEFINING_ARGS come from its config.json,
-    and a value given on this command line that differs is refused, never replaced."""
-    for name in RUN_DEFINING_ARGS:
-        given, made_with = getattr(args, name), recorded.get(name, getattr(args, name))
-        if name in explicit and given != made_with:
-            flag = "--" + name.replace("_", "-")
-            made = f"{flag} {made_with}" if made_with is not None else f"no {flag} (its default)"
-            raise UserError(
-                f"{flag} {given} contradicts the run being resumed, which was made with {made}: "
-                f"drop {flag} to continue it, or start a new run without --resume"
-            )
-        setattr(args, name, made_with)
-    if "data_dir" not in explicit:  # where the data is may change; the default is the run's
-        args.data_dir = recorded.get("data_dir", args.data_dir)
-
-
-def apply_array_seed(args: argparse.Namespace) -> int:
-    """In a SLURM job array each task trains its own seed: --seed + SLURM_ARRAY_TASK_ID."""
-    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
-    offset = int(task) if task.isdigit() else 0
-    args.seed += offset
-    return offset
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (SLURM's warning before the time limit) become a
-    flag that training checks: it finishes the step, writes a checkpoint and exits resumable.
-    A second Ctrl-C aborts at once; a second SIGTERM/SIGUSR1 changes nothing."""
-
-    def __enter__(self) -> StopSignal:
-        self.received, self.exited = None, False
-        self.previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # those held since startup
-        return self
-
-    def __exit__(self, *exc) -> None:
-        # After a stop the handlers stay and ignore what comes: a late signal while Python shuts
-        # down must not kill it (exit 143 where the SLURM wrapper waits for 75).
-        self.exited = True
-        for number, handler in self.previous.items() if self.received is None else ():
-            signal.signal(number, handler)
-
-    def handle(self, number: int, frame) -> None:
-        if self.received is None:
-            self.received = signal.Signals(number).name
-        elif number == signal.SIGINT and not self.exited:
-            raise KeyboardInterrupt
-
-    @property
-    def exit_code(self) -> int:
-        return INTERRUPTED_EXIT_CODE if self.received == "SIGINT" else RESUMABLE_EXIT_CODE
-
-
-def run_main(run, args: argparse.Namespace, explicit: set[str]) -> int:
-    """`run(args, explicit, stop)` with stop signals caught from the start; what a user can act
-    on ends as one `error:` line and an exit code, never a traceback."""
-    try:
-        with StopSignal() as stop:
-            return run(args, explicit, stop)
-    except (UserError, OutputError) as error:
-        code = USAGE_EXIT_CODE if isinstance(error, UserError) else FAILURE_EXIT_CODE
-        message = str(error)
-    except KeyboardInterrupt:
-        message = "interrupted again: stopped at once; the checkpoints written before are intact"
-        code = INTERRUPTED_EXIT_CODE
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
-def stop_lines(stop: StopSignal, run_dir: Path, where: str = "") -> list[str]:
-    """A stopped run's closing lines (a finished run's last line is `results: <run_dir>`);
-    `where`: " during <what> (<position>)"."""
-    cause = (stop.received or "a signal to another process of this job") + where
-    then = f"; continue with: {resume_command(run_dir)}"
-    if run_state(run_dir) != "resumable":
-        then = " before the first checkpoint: run it again"
-    return [f"stopped by {cause}{then}", f"stopped: {run_dir}"]
-
-
-def resume_command(run_dir: Path) -> str:
-    return f"python {SCRIPTS[RUN_PREFIX]} --resume {run_dir}"
-
-
-def atomic_write(path: str | Path, payload) -> None:
-    """Write `payload` (bytes or text; for a .json path, JSON; for a .pt path, torch.save) to a
-    temporary file beside `path`, fsync it, then os.replace: all or nothing. A failed write
-    (disk full, file-size limit, path too long) raises OutputError."""
-    path = Path(path)
-    if path.suffix == ".pt":
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        payload = buffer.getvalue()
-    elif path.suffix == ".json":
-        payload = json.dumps(payload, indent=2) + "\n"
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # removed by the next run
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        run_dir = next((p for p in path.parents if (p / RUN_RECORD).is_file()), None)
-        after = "nothing to resume yet: make room (or pass another --output-dir), start again"
-        if run_dir is not None and run_state(run_dir) == "resumable":
-            after = f"the last checkpoint is intact: make room, then {resume_command(run_dir)}"
-        raise OutputError(f"cannot write {path}: {error.strerror or error}; {after}") from None
-
-
-def save_figure(figure, path: str | Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write(path, buffer.getvalue())
-
-
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Floats to 12 significant digits: a learning rate of 0.1 reads 0.1, not 0.0999..."""
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            rounded = {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in row.items()}
-            writer.writerow(rounded)
-    atomic_write(path, buffer.getvalue())
-
-
-def remove_stale_temp_files(run_dir: Path) -> int:
-    """Delete the `.<name>.<pid>.tmp` files that killed writes left in a run folder."""
-    stale = list(run_dir.rglob(".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
-
-
-def job_tag() -> str | None:
-    """This SLURM job's part of a run folder's name: <array job>_<task>, or the job id."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
-
-
-RUN_NAME = r"_(?P<stamp>\d{8}-\d{6})(?:_(?P<tag>\d+(?:_\d+)?))?(?:-(?P<clash>\d+))?"
-
-
-def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
-    """A new <output_dir>/<prefix>_<YYYYmmdd-HHMMSS>[_<job tag>], or -2, -3, ... after it:
-    mkdir creates a folder or fails, so two runs started in the same second never share one."""
-    tag = job_tag()
-    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}" + (f"_{tag}" if tag else "")
-    for attempt in range(1, 1000):
-        run_dir = Path(output_dir) / (name if attempt == 1 else f"{name}-{attempt}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-        except OSError as error:
-            message = f"cannot create {run_dir}: {error.strerror}; pass a writable --output-dir"
-            raise UserError(message) from None
-    raise UserError(f"{output_dir} already holds 999 folders named {name}-*")
-
-
-def new_run(output_dir: str | Path, config: dict) -> Path:
-    run_dir = make_run_dir(output_dir, RUN_PREFIX)
-    atomic_write(run_dir / RUN_RECORD, {"script": SCRIPTS[RUN_PREFIX], **config})
-    return run_dir
-
-
-def read_run_record(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / RUN_RECORD).read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {run_dir / RUN_RECORD}: {first_line(error)}") from None
-
-
-def run_state(run_dir: Path) -> str:
-    """'finished', 'resumable' (has a checkpoint), 'unstarted' (stopped or failed before its
-    first checkpoint) or 'foreign' (no run folder of this script)."""
-    try:
-        record = json.loads((run_dir / RUN_RECORD).read_text())
-    except (OSError, ValueError):
-        return "foreign"
-    if not isinstance(record, dict) or record.get("script") != SCRIPTS[RUN_PREFIX]:
-        return "foreign"
-    if (run_dir / FINISHED_RECORD).is_file():
-        return "finished"
-    if any(next(run_dir.glob(pattern), None) for pattern in PROGRESS_FILES):
-        return "resumable"
-    return "unstarted"
-
-
-def find_resume_run(resume: str | None, output_dir: str | Path) -> Path | None:
-    """--resume auto: the newest unfinished run with a checkpoint, of this SLURM job (or array
-    task) inside SLURM, of output_dir outside it; None if there is none. --resume PATH: that
-    run folder (or the one holding PATH), refused unless this script can continue it."""
-    if resume != "auto":
-        return None if resume is None else check_resumable(Path(resume))
-    found, tag = [], job_tag()
-    for folder in Path(output_dir).glob(f"{RUN_PREFIX}_*"):
-        match = re.fullmatch(RUN_PREFIX + RUN_NAME, folder.name)
-        if match and (tag is None or match["tag"] == tag) and run_state(folder) == "resumable":
-            found.append((match["stamp"], int(match["clash"] or 1), folder))
-    return max(found)[2] if found else None
-
-
-def check_resumable(path: Path) -> Path:
-    run_dir = next((p for p in (path, *path.parents[:2]) if (p / RUN_RECORD).is_file()), None)
-    state = "missing" if run_dir is None else run_state(run_dir)
-    problems = {
-        "missing": f"no run folder there (no {RUN_RECORD})",
-        "foreign": f"that run was not made by {SCRIPTS[RUN_PREFIX]}; resume it with its own script",
-        "finished": "that run is finished (metrics.json) and is never reopened: start a new run",
-        "unstarted": "that run stopped before its first checkpoint: start a new run",
-    }
-    if state in problems:
-        raise UserError(f"--resume {path}: {problems[state]}")
-    return run_dir
-
-
-def capture_rng_state() -> dict:
-    """The CPU generators only: every shuffle and initialisation draws from them, none from a
-    GPU's, so a checkpoint resumes on any number and kind of GPU."""
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
 
 
 def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
@@ -1203,99 +881,6 @@ def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title:
             axis.text(column, row, f"{value:.0f}", color=color, weight=weight, **text)
     save_figure(figure, path)
 
-
-def summarize_runs(run_dirs: list[str], output_dir: str | Path) -> Path:
-    """Mean, std (n - 1), min, max and n of each number in the finished runs' metrics.json,
-    written to a new <prefix>_summary_<stamp> folder; the runs may differ only in the seed."""
-    states = {Path(name): run_state(Path(name)) for name in run_dirs}
-    foreign = [str(d) for d, state in states.items() if state == "foreign"]
-    if foreign:
-        raise UserError(f"--summarize: not runs of {SCRIPTS[RUN_PREFIX]}: {', '.join(foreign)}")
-    finished = [d for d, state in states.items() if state == "finished"]
-    if not finished:
-        raise UserError("--summarize: none of these runs is finished (no metrics.json yet)")
-    records = [read_run_record(d) for d in finished]
-    settings = [{k: v for k, v in r["args"].items() if k not in NOT_SETTINGS} for r in records]
-    differing = sorted({k for s in settings for k in s if s.get(k) != settings[0].get(k)})
-    if differing:
-        raise UserError(
-            f"--summarize: these runs differ in more than the seed ({', '.join(differing)}); "
-            "summarise runs made with the same settings"
-        )
-    values = [flat_numbers(json.loads((d / FINISHED_RECORD).read_text())) for d in finished]
-    metrics = {}
-    for key in [key for key in values[0] if all(key in v for v in values)]:
-        column = [v[key] for v in values]
-        spread = statistics.stdev(column) if len(column) > 1 else 0.0
-        metrics[key] = {"mean": statistics.fmean(column), "std": spread, "n": len(column)}
-        metrics[key].update(min=min(column), max=max(column))
-    unfinished = [str(d) for d, state in states.items() if state != "finished"]
-    for run_dir in unfinished:
-        log(f"--summarize: left out {run_dir}: not finished (no {FINISHED_RECORD})")
-    seeds = [r["args"]["seed"] for r in records]
-    summary = {"script": SCRIPTS[RUN_PREFIX], "runs": [str(d) for d in finished], "seeds": seeds}
-    summary.update(left_out_unfinished=unfinished, settings=settings[0], metrics=metrics)
-    folder = make_run_dir(output_dir, f"{RUN_PREFIX}_summary")
-    atomic_write(folder / "summary.json", summary)
-    atomic_write(folder / "summary.md", summary_markdown(summary))
-    plot_seed_curves(finished, seeds, folder / "summary.png")
-    return folder
-
-
-def flat_numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a metrics.json, nested keys joined by '.' (no tables, no flags)."""
-    found = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict) and key != "per_class":
-            found.update(flat_numbers(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[prefix + key] = float(value)
-    return found
-
-
-def summary_markdown(summary: dict) -> str:
-    """A table of each metric's mean ± std, min, max and n, numbers in 4 significant digits
-    with thousands grouped (98.71, 0.0431, 14,338), accuracies in percent."""
-    title = f"# {summary['script']}: {len(summary['runs'])} runs, seeds {summary['seeds']}"
-    lines = [title, "", "| metric | mean ± std | min | max | n |", "|---|---|---|---|---|"]
-    for key, s in summary["metrics"].items():
-        scale, unit = (100, " (%)") if key.endswith("accuracy") else (1, "")
-        mean, std, low, high = (
-            f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-            for v in (scale * s[k] for k in ("mean", "std", "min", "max"))
-        )
-        lines.append(f"| {key}{unit} | {mean} ± {std} | {low} | {high} | {s['n']} |")
-    if summary["left_out_unfinished"]:
-        lines += ["", "Left out (unfinished): " + ", ".join(summary["left_out_unfinished"])]
-    return "\n".join(lines) + "\n"
-
-
-def plot_seed_curves(run_dirs: list[Path], seeds: list, path: Path) -> None:
-    """Every run's validation accuracy per epoch, overlaid, one panel per history file."""
-    import matplotlib.pyplot as plt
-
-    count = len(HISTORY_FILES)
-    figure, axes = plt.subplots(1, count, figsize=(6 * count, 4), layout="constrained")
-    for axis, name in zip(figure.axes, HISTORY_FILES):
-        last_epoch = 1
-        for run_dir, seed in [(d, s) for d, s in zip(run_dirs, seeds) if (d / name).is_file()]:
-            with open(run_dir / name, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            epochs = [int(row["epoch"]) for row in rows]
-            accuracy = [100 * float(row["val_accuracy"]) for row in rows]
-            axis.plot(epochs, accuracy, "o-", label=f"seed {seed}")
-            last_epoch = max(last_epoch, *epochs)
-        axis.set(ylabel="validation accuracy (%)", title=name)
-        epoch_axis(axis, last_epoch)
-        if axis.lines:  # none when no run has this file (linear_probe-only ResNet runs)
-            axis.legend()
-    figure.suptitle(f"{SCRIPTS[RUN_PREFIX]}: validation accuracy of {len(run_dirs)} seeds")
-    save_figure(figure, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs of this script: checkpoints, test metrics, the comparison of the regimes
-# --------------------------------------------------------------------------------------------
 
 PERCENT_METRICS = ("test_accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
 # The metrics comparison.md shows, with their unit and format spec (scores in percent).
@@ -1527,12 +1112,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(run, args, explicit_options(parser, argv))
 
 
-def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
+def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal, lock: RunLock) -> int:
     """What each process checks before the process group starts (run to resume, weights, data:
     a download must not outlast NCCL's watchdog), then training. A failing process of several
     prints one line and exits at once (a broken group's cleanup can hang); srun ends the rest."""
     if args.summarize:
-        log(f"summary: {summarize_runs(args.summarize, args.output_dir)}")
+        log(f"summary: {summarize_runs(RUN, args.summarize, args.output_dir)}")
         return 0
     offset = apply_array_seed(args)
     args.data_dir = str(Path(args.data_dir).resolve())
@@ -1540,10 +1125,10 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     if world.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (rank 0 alone prints)
     device = select_device(args.device)
-    run_dir = find_resume_run(args.resume, args.output_dir)
+    run_dir = find_resume_run(RUN, args.resume, args.output_dir)
     if run_dir is not None:
         recorded = read_run_record(run_dir)
-        merge_resumed_args(args, recorded.get("args", {}), explicit)
+        merge_resumed_args(RUN, args, recorded.get("args", {}), explicit)
         processes = recorded.get("distributed", {}).get("world_size", 1)
         if processes != world.size:
             trained = f"{run_dir} was trained by {processes} process(es) and this launch has"
@@ -1559,7 +1144,7 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     data = prepare_data(args)
     world, device = init_distributed(world, device, args.dist_timeout)
     try:
-        code = train_and_report(args, stop, world, device, data, run_dir, settings, backbone)
+        code = train_and_report(args, stop, lock, world, device, data, run_dir, settings, backbone)
     except BaseException as error:
         if world.size == 1:
             raise
@@ -1579,7 +1164,7 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal) -> int:
     return code
 
 
-def start_run(args, world: World, device, run_dir, settings: dict, record: dict) -> Path:
+def start_run(args, lock, world: World, device, run_dir, settings: dict, record: dict) -> Path:
     """The run folder on every process: run_dir resumed, or a new one (rank 0's) with its
     config.json: `record`, the environment and how the work is spread over the processes."""
     import torchvision
@@ -1605,8 +1190,9 @@ def start_run(args, world: World, device, run_dir, settings: dict, record: dict)
         log(f"distributed: {world.size} processes; {shown}")
     if world.rank == 0 and run_dir is None:
         record.update(environment=environment, regime_settings=settings, distributed=spread)
-        run_dir = new_run(args.output_dir, record)
+        run_dir = new_run(RUN, args.output_dir, record, lock)
     elif world.rank == 0:
+        lock.acquire(run_dir)
         removed = remove_stale_temp_files(run_dir)
         log(f"resuming {run_dir}" + (f" ({removed} temporary files removed)" if removed else ""))
     shared = [str(run_dir)]  # rank 0's
@@ -1616,7 +1202,7 @@ def start_run(args, world: World, device, run_dir, settings: dict, record: dict)
     return Path(shared[0])
 
 
-def train_and_report(args, stop, world, device, data, run_dir, settings, backbone) -> int:
+def train_and_report(args, stop, lock, world, device, data, run_dir, settings, backbone) -> int:
     """On this process's device: the data moved there, the run folder made (or run_dir
     continued), each regime trained and tested in turn, then the comparison; the exit code."""
     precision = select_precision(device, args.amp)
@@ -1627,7 +1213,7 @@ def train_and_report(args, stop, world, device, data, run_dir, settings, backbon
     sizes = {split: len(labels) for split, (_, labels) in data.items()}
     record = {"args": vars(args), "data": sizes, "precision": precision.describe()}
     record["autocast_dtype"] = precision.autocast_dtype
-    run_dir, results = start_run(args, world, device, run_dir, settings, record), {}
+    run_dir, results = start_run(args, lock, world, device, run_dir, settings, record), {}
     counts = ", ".join(f"{count:,} {split}" for split, count in sizes.items())
     resized = f"resized to {args.img_size}x{args.img_size} there; {precision.describe()}"
     log(f"data: EMNIST ByClass {counts} images on {device} (uint8, upright), {resized}")
@@ -1641,7 +1227,7 @@ def train_and_report(args, stop, world, device, data, run_dir, settings, backbon
         state = results[regime]
         where = f"epoch {state['epoch'] + 1}, step {state['step_in_epoch']}"
         if outcome == "stopped":
-            for line in stop_lines(stop, run_dir, f" during {regime} ({where})"):
+            for line in stop_lines(RUN, stop, run_dir, f" during {regime} ({where})"):
                 log(line)
             return stop.exit_code
         # Diverged: one error line (on rank 0's stderr), exit 3.
@@ -1711,8 +1297,5 @@ def run_regime(args, regime, settings, data, backbone, precision, world, folder,
 
 if __name__ == "__main__":
     code = main()
-    # Python's shutdown resets handled signals to their defaults: ignore stop signals from
-    # here on, so that a late one cannot kill the exiting process (143 where 75 was meant).
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+    ignore_stop_signals()
     sys.exit(code)
