@@ -138,9 +138,10 @@ def number_type(convert, low, high, expected: str):
     def parse(text: str):
         try:
             value = convert(text)
-        except (ValueError, OverflowError):
-            value = math.nan
-        if math.isfinite(value) and low <= value <= high:
+            accepted = math.isfinite(value) and low <= value <= high
+        except (ValueError, OverflowError):  # math.isfinite(10**400) overflows too
+            accepted = False
+        if accepted:
             return value
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
@@ -161,7 +162,7 @@ NOT_GIVEN = object()  # a value no option can have: what parse_explicit finds un
 def explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
     """The options the command line gave itself, one equal to its default included: parsed into
     a namespace pre-filled with NOT_GIVEN, where argparse sets only what it was given."""
-    names = [action.dest for action in parser._get_optional_actions() if action.dest != "help"]
+    names = list(vars(parser.parse_args([])))  # every option's destination
     prefilled = argparse.Namespace(**dict.fromkeys(names, NOT_GIVEN))
     parsed = parser.parse_args(argv, namespace=prefilled)
     return {name for name in names if getattr(parsed, name) is not NOT_GIVEN}
@@ -308,7 +309,7 @@ def atomic_write(path: str | Path, payload) -> None:
         torch.save(payload, buffer)
         payload = buffer.getvalue()
     elif path.suffix == ".json":
-        payload = json.dumps(payload, indent=2) + "\n"
+        payload = json_text(payload)
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # removed by the next run
@@ -323,6 +324,19 @@ def atomic_write(path: str | Path, payload) -> None:
             temporary.unlink()
         reason = error.strerror or error
         raise OutputError(f"cannot write {path}: {reason}; {after_failed_write(path)}") from None
+
+
+def json_text(value, indent: str = "") -> str:
+    """JSON with two-space indents, where a list of numbers or strings stays on one line: a
+    confusion matrix reads one row per line, rows the true classes."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {json_text(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}" + ("" if indent else "\n")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        items = [inner + json_text(v, inner) for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{indent}]" + ("" if indent else "\n")
+    return json.dumps(value) + ("" if indent else "\n")
 
 
 def after_failed_write(path: Path) -> str:
@@ -412,6 +426,9 @@ def make_run_dir(output_dir: str | Path, prefix: str) -> Path:
     raise UserError(f"{output_dir} already holds 999 folders named {name}-*")
 
 
+TOKENS_HELD_HERE = set()  # the locks this process holds
+
+
 class RunLock:
     """The lock of a run folder, held by the one process that trains it.
 
@@ -458,6 +475,7 @@ class RunLock:
                 raise OutputError(f"cannot create {path}: {error.strerror}") from None
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(record, handle)
+            TOKENS_HELD_HERE.add(self.token)
             self.path = path
             self.thread = threading.Thread(target=self.beat, daemon=True)
             self.thread.start()
@@ -477,6 +495,7 @@ class RunLock:
         if holder is not None and holder.get("token") == self.token:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+        TOKENS_HELD_HERE.discard(self.token)
         self.path = None
 
 
@@ -505,7 +524,9 @@ def lock_holder_gone(holder: dict) -> str | None:
         return f"no heartbeat for {holder['age_s']:.0f} s"
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return None
-    if holder["pid"] == os.getpid():
+    if holder.get("token") in TOKENS_HELD_HERE:
+        return None
+    if holder["pid"] == os.getpid():  # a requeued job's container can reuse a pid
         return "an earlier process with this pid"
     try:
         os.kill(holder["pid"], 0)
@@ -554,6 +575,7 @@ def new_run(
     run_dir = make_run_dir(output_dir, prefix)
     lock.acquire(run_dir)
     atomic_write(run_dir / RUN_RECORD, {"script": spec.script, "dry_run": dry_run, **config})
+    announce_run_folder(run_dir)
     return run_dir
 
 
@@ -617,9 +639,12 @@ def find_resume_run(spec: RunSpec, resume: str | None, output_dir: str | Path) -
 
 def check_resumable(spec: RunSpec, path: Path) -> Path:
     """The run folder at (or above) path, if this script can continue it; else a UserError."""
-    run_dir = next((p for p in (path, *path.parents[:2]) if (p / RUN_RECORD).is_file()), path)
+    run_dir = next((p for p in (path, *path.parents[:2]) if (p / RUN_RECORD).is_file()), None)
+    if run_dir is None:
+        raise UserError(f"--resume {path}: no run folder there (no {RUN_RECORD})")
+    record = read_run_record(run_dir)  # a damaged one says so
     problems = {
-        "missing": f"no run folder of this project there (no readable {RUN_RECORD})",
+        "missing": f"{RUN_RECORD} names no script: not a run folder of this project",
         "foreign": f"that run was not made by {spec.script}; resume it with its own script",
         "finished": "that run is finished (metrics.json) and is never reopened: start a new run",
         "unstarted": "that run stopped before its first checkpoint: start a new run",
@@ -627,7 +652,7 @@ def check_resumable(spec: RunSpec, path: Path) -> Path:
     state = run_state(spec, run_dir)
     if state in problems:
         raise UserError(f"--resume {path}: {problems[state]}")
-    if read_run_record(run_dir).get("dry_run"):
+    if record.get("dry_run"):
         raise UserError(f"--resume {path}: that is a --dry-run; start a real run")
     return run_dir
 
@@ -734,18 +759,35 @@ def read_finished_run(spec: RunSpec, run_dir: Path) -> dict:
     return {"run": run_dir, "record": record, "numbers": numbers}
 
 
-def summarize_runs(spec: RunSpec, run_dirs: list[str], output_dir: str | Path) -> Path:
-    """Mean, std (n - 1), min, max and n of each number in the finished runs' metrics.json,
-    written to a new <prefix>_summary_<stamp> folder; the runs may differ only in the seed.
-    A run named twice (a relative and an absolute path) counts once."""
-    unique = {}
+def distinct_runs(run_dirs: list[str]) -> list[Path]:
+    """The run folders named, each once: a run named twice (a relative and an absolute path,
+    say) is one run, and the log says so."""
+    seen = {}
     for name in run_dirs:
         resolved = Path(name).resolve()
-        if resolved in unique:
-            log(f"--summarize: {name} and {unique[resolved]} are the same run: counted once")
-            continue
-        unique[resolved] = Path(name)
-    states = {path: run_state(spec, path) for path in unique.values()}
+        if resolved in seen:
+            log(f"--summarize: {name} and {seen[resolved]} are the same run: counted once")
+        else:
+            seen[resolved] = Path(name)
+    return list(seen.values())
+
+
+def spread(column: list[float]) -> dict:
+    """Mean, sample standard deviation (n - 1; 0 for one value), min, max and n."""
+    return {
+        "mean": statistics.fmean(column),
+        "std": statistics.stdev(column) if len(column) > 1 else 0.0,
+        "min": min(column),
+        "max": max(column),
+        "n": len(column),
+    }
+
+
+def summarize_runs(spec: RunSpec, run_dirs: list[str], output_dir: str | Path) -> Path:
+    """Mean, std, min, max and n of each number in the finished runs' metrics.json, and one row
+    per seed, written to a new <prefix>_summary_<stamp> folder; the runs may differ only in the
+    seed. Unfinished runs are left out (and listed); damaged or foreign ones are refused."""
+    states = {path: run_state(spec, path) for path in distinct_runs(run_dirs)}
     foreign = [str(path) for path, state in states.items() if state in ("foreign", "missing")]
     if foreign:
         raise UserError(f"--summarize: not runs of {spec.script}: {', '.join(foreign)}")
@@ -762,39 +804,25 @@ def summarize_runs(spec: RunSpec, run_dirs: list[str], output_dir: str | Path) -
             f"--summarize: these runs differ in more than the seed ({', '.join(differing)}); "
             "summarise runs made with the same settings"
         )
-    common = [key for key in runs[0]["numbers"] if all(key in run["numbers"] for run in runs)]
-    metrics = {}
-    for key in common:
-        column = [run["numbers"][key] for run in runs]
-        spread = statistics.stdev(column) if len(column) > 1 else 0.0
-        metrics[key] = {
-            "mean": statistics.fmean(column),
-            "std": spread,
-            "min": min(column),
-            "max": max(column),
-            "n": len(column),
-        }
     unfinished = [str(path) for path, state in states.items() if state != "finished"]
     for path in unfinished:
         log(f"--summarize: left out {path}: not finished (no {FINISHED_RECORD})")
-    per_seed = [
-        {"seed": run["record"]["args"]["seed"], "run": str(run["run"]), **run["numbers"]}
-        for run in runs
-    ]
+    common = [key for key in runs[0]["numbers"] if all(key in run["numbers"] for run in runs)]
+    seeds = [run["record"]["args"]["seed"] for run in runs]
     summary = {
         "script": spec.script,
         "runs": [str(run["run"]) for run in runs],
-        "seeds": [run["record"]["args"]["seed"] for run in runs],
+        "seeds": seeds,
         "left_out_unfinished": unfinished,
         "settings": settings[0],
-        "per_seed": per_seed,
-        "metrics": metrics,
+        "per_seed": [{"seed": seed, **run["numbers"]} for seed, run in zip(seeds, runs)],
+        "metrics": {key: spread([run["numbers"][key] for run in runs]) for key in common},
         "units": "accuracies and F1 as fractions (summary.md shows percentages)",
     }
     folder = make_run_dir(output_dir, f"{spec.prefix}_summary")
     atomic_write(folder / "summary.json", summary)
     atomic_write(folder / "summary.md", summary_markdown(summary))
-    plot_seed_curves(spec, [run["run"] for run in runs], summary["seeds"], folder / "summary.png")
+    plot_seed_curves(spec, [run["run"] for run in runs], seeds, folder / "summary.png")
     return folder
 
 
@@ -817,7 +845,9 @@ def summary_markdown(summary: dict) -> str:
     settings = ", ".join(f"{key} {value}" for key, value in summary["settings"].items())
     lines += [f"Settings of every run: {settings}.", ""]
     lines += ["Accuracy and F1 in percent; loss: mean test cross-entropy; time in seconds.", ""]
-    columns = [key for key in summary["metrics"] if key.split(".")[-1] in SEED_COLUMNS]
+    columns = [
+        key for name in SEED_COLUMNS for key in summary["metrics"] if key.split(".")[-1] == name
+    ]
     headings = [
         (key.rsplit(".", 1)[0] + " " if "." in key else "") + SEED_COLUMNS[key.split(".")[-1]]
         for key in columns
@@ -882,6 +912,8 @@ def read_history(path: Path) -> list[dict]:
     try:
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
+        if not rows:
+            raise ValueError("no epochs in it")
         for row in rows:
             int(row["epoch"])
             float(row["val_accuracy"])

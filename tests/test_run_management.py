@@ -1,16 +1,16 @@
-"""The run-management section both scripts share (issue 11): that it is the same code in both,
-and what it promises: run folders that never clash, `--resume` that never reopens a finished
-run or another script's, explicit options, one-line errors, atomic writes that fail cleanly,
-signals held from the first instant, CSV numbers without float noise, help without repeats."""
+"""run_management.py, the module both scripts import: run folders that never clash, a lock that
+lets one process train a run, `--resume` that never reopens a finished run or another script's,
+explicit options, one-line errors, atomic writes that fail cleanly, signals held from the first
+instant, seed summaries that count each run once and refuse damaged files."""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import errno
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,15 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from datasets import write_emnist, write_standin_weights
 
 import cnn_from_scratch
 import resnet18
+import run_management as runs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"cnn": cnn_from_scratch, "resnet": resnet18}
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
-BLOCK_BANNER = "# Runs: exit codes, errors, signals, atomic outputs, run folders, resume and seed"
 
 
 @pytest.fixture(params=sorted(SCRIPTS))
@@ -37,198 +36,497 @@ def script(request, monkeypatch):
     return SCRIPTS[request.param]
 
 
-def top_level_definitions(path: Path) -> dict[str, str]:
-    source = path.read_text()
-    tree = ast.parse(source)
-    kinds = (ast.FunctionDef, ast.ClassDef)
-    return {
-        node.name: ast.get_source_segment(source, node)
-        for node in tree.body
-        if isinstance(node, kinds)
-    }
-
-
-def shared_section(path: Path) -> str:
-    """The lines from the shared section's banner to the next section's banner."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(BLOCK_BANNER)) - 1
-    end = next(i for i in range(start + 5, len(lines)) if lines[i].startswith("# ----"))
-    return "\n".join(lines[start:end])
-
-
-def test_helpers_of_the_same_name_are_the_same_code_in_both_scripts():
-    cnn = top_level_definitions(REPO / "cnn_from_scratch.py")
-    resnet = top_level_definitions(REPO / "resnet18.py")
-    common = sorted(set(cnn) & set(resnet) - {"get_args_parser", "run"})
-    assert len(common) >= 30, common  # the shared section, and more
-    drifted = [name for name in common if cnn[name] != resnet[name]]
-    assert not drifted, f"same name, different code: {drifted} (rename one, or make them equal)"
-    assert shared_section(REPO / "cnn_from_scratch.py") == shared_section(REPO / "resnet18.py")
-
-
-def test_runs_started_in_the_same_second_get_their_own_folders(script, tmp_path, monkeypatch):
-    monkeypatch.setattr(script.time, "strftime", lambda pattern: "20260101-120000")
-    with ThreadPoolExecutor(8) as pool:
-        folders = list(pool.map(lambda _: script.make_run_dir(tmp_path, "x"), range(16)))
-    assert len(set(folders)) == 16 and all(folder.is_dir() for folder in folders)
-    assert tmp_path / "x_20260101-120000" in folders
-
-
-def make_run(script, output_dir: Path, state: str, stamp: str, tag: str | None = None) -> Path:
-    name = f"{script.RUN_PREFIX}_{stamp}" + (f"_{tag}" if tag else "")
+def make_run(spec: runs.RunSpec, output_dir: Path, state: str, stamp: str, tag=None) -> Path:
+    """A run folder of `spec` in `state`: unstarted, resumable or finished."""
+    name = f"{spec.prefix}_{stamp}" + (f"_{tag}" if tag else "")
     run_dir = output_dir / name
     run_dir.mkdir(parents=True)
-    record = {"script": script.SCRIPTS[script.RUN_PREFIX], "args": {}}
+    record = {"script": spec.script, "args": {"seed": 0}}
     (run_dir / "config.json").write_text(json.dumps(record))
-    progress = run_dir / script.PROGRESS_FILES[0].replace("*", "linear_probe")
+    progress = run_dir / spec.progress_files[0].replace("*", "linear_probe")
     if state in ("resumable", "finished"):
         progress.parent.mkdir(exist_ok=True)
         progress.write_bytes(b"checkpoint")
     if state == "finished":
-        (run_dir / "metrics.json").write_text("{}")
+        (run_dir / "metrics.json").write_text('{"test_accuracy": 0.5}')
     return run_dir
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders, resume and the lock
+# --------------------------------------------------------------------------------------------
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs.time, "strftime", lambda pattern: "20260101-120000")
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: runs.make_run_dir(tmp_path, "x"), range(16)))
+    assert len(set(folders)) == 16 and all(folder.is_dir() for folder in folders)
+    assert tmp_path / "x_20260101-120000" in folders
+
+
 def test_resume_auto_takes_the_newest_unfinished_run_and_never_a_finished_one(script, tmp_path):
-    older = make_run(script, tmp_path, "resumable", "20260101-100000")
-    newest = make_run(script, tmp_path, "resumable", "20260101-110000")
-    make_run(script, tmp_path, "finished", "20260101-120000")
-    make_run(script, tmp_path, "unstarted", "20260101-130000")  # failed before a checkpoint
-    assert script.find_resume_run("auto", tmp_path) == newest
+    spec = script.RUN
+    older = make_run(spec, tmp_path, "resumable", "20260101-100000")
+    newest = make_run(spec, tmp_path, "resumable", "20260101-110000")
+    make_run(spec, tmp_path, "finished", "20260101-120000")
+    make_run(spec, tmp_path, "unstarted", "20260101-130000")  # failed before a checkpoint
+    assert runs.find_resume_run(spec, "auto", tmp_path) == newest
     (newest / "metrics.json").write_text("{}")
-    assert script.find_resume_run("auto", tmp_path) == older
+    assert runs.find_resume_run(spec, "auto", tmp_path) == older
     (older / "metrics.json").write_text("{}")
-    assert script.find_resume_run("auto", tmp_path) is None
-    assert script.find_resume_run(None, tmp_path) is None
+    assert runs.find_resume_run(spec, "auto", tmp_path) is None
+    assert runs.find_resume_run(spec, None, tmp_path) is None
 
 
 def test_resume_auto_inside_slurm_sees_only_this_job_or_array_task(script, tmp_path, monkeypatch):
-    mine = make_run(script, tmp_path, "resumable", "20260101-100000", "12")
-    make_run(script, tmp_path, "resumable", "20260101-110000", "123")  # "12" is its prefix
-    task = make_run(script, tmp_path, "resumable", "20260101-120000", "40_2")
-    make_run(script, tmp_path, "resumable", "20260101-130000", "40_3")
+    spec = script.RUN
+    mine = make_run(spec, tmp_path, "resumable", "20260101-100000", "12")
+    make_run(spec, tmp_path, "resumable", "20260101-110000", "123")  # "12" is its prefix
+    task = make_run(spec, tmp_path, "resumable", "20260101-120000", "40_2")
+    make_run(spec, tmp_path, "resumable", "20260101-130000", "40_3")
     monkeypatch.setenv("SLURM_JOB_ID", "12")
-    assert script.find_resume_run("auto", tmp_path) == mine
+    assert runs.find_resume_run(spec, "auto", tmp_path) == mine
     monkeypatch.setenv("SLURM_JOB_ID", "99")
-    assert script.find_resume_run("auto", tmp_path) is None
+    assert runs.find_resume_run(spec, "auto", tmp_path) is None
     monkeypatch.setenv("SLURM_JOB_ID", "42")  # array task 2 of array job 40 has its own job id
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    assert script.find_resume_run("auto", tmp_path) == task
-    assert script.make_run_dir(tmp_path, script.RUN_PREFIX).name.endswith("_40_2")
+    assert runs.find_resume_run(spec, "auto", tmp_path) == task
+    assert runs.make_run_dir(tmp_path, spec.prefix).name.endswith("_40_2")
 
 
 def test_resume_of_a_path_refuses_what_this_script_cannot_continue(script, tmp_path):
     other = next(module for module in SCRIPTS.values() if module is not script)
+    dry = make_run(script.RUN, tmp_path, "resumable", "20260101-140000")
+    dry_record = {"script": script.RUN.script, "args": {}, "dry_run": True}
+    (dry / "config.json").write_text(json.dumps(dry_record))
+    damaged = make_run(script.RUN, tmp_path, "resumable", "20260101-150000")
+    (damaged / "config.json").write_text('{"script": "' + script.RUN.script + '", "ar')
     cases = {
-        make_run(script, tmp_path, "finished", "20260101-100000"): "is finished",
-        make_run(script, tmp_path, "unstarted", "20260101-110000"): "before its first checkpoint",
-        make_run(other, tmp_path, "resumable", "20260101-120000"): "not made by",
+        make_run(script.RUN, tmp_path, "finished", "20260101-100000"): "is finished",
+        make_run(script.RUN, tmp_path, "unstarted", "20260101-110000"): "before its first",
+        make_run(other.RUN, tmp_path, "resumable", "20260101-120000"): "not made by",
         tmp_path / "missing": "no run folder",
+        dry: "--dry-run",
+        damaged: "is damaged",
     }
     for path, message in cases.items():
-        with pytest.raises(script.UserError, match=message):
-            script.find_resume_run(str(path), tmp_path)
-    resumable = make_run(script, tmp_path, "resumable", "20260101-130000")
+        with pytest.raises(runs.UserError, match=message):
+            runs.find_resume_run(script.RUN, str(path), tmp_path)
+    resumable = make_run(script.RUN, tmp_path, "resumable", "20260101-130000")
     inside = next(resumable.rglob("*.pt"))
-    assert script.find_resume_run(str(inside), tmp_path) == resumable
+    assert runs.find_resume_run(script.RUN, str(inside), tmp_path) == resumable
 
 
-def test_an_option_given_equal_to_its_default_is_still_explicit(script):
+def test_a_hand_edited_config_is_called_damaged_not_foreign(tmp_path):
+    (tmp_path / "config.json").write_text('{"script": "cnn_from_scratch.py"}')
+    with pytest.raises(runs.UserError, match=r"damaged \(no \"args\" object\)"):
+        runs.read_run_record(tmp_path)
+    (tmp_path / "config.json").write_text('{"script": "cnn_from_scr')
+    with pytest.raises(runs.UserError, match="damaged .not JSON"):
+        runs.read_run_record(tmp_path)
+
+
+def test_a_second_process_is_refused_a_held_run_and_resume_auto_skips_it(tmp_path):
+    spec = cnn_from_scratch.RUN
+    held = make_run(spec, tmp_path, "resumable", "20260101-110000")
+    older = make_run(spec, tmp_path, "resumable", "20260101-100000")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"host": runs.socket.gethostname(), "pid": holder.pid, "token": "theirs"}
+        (held / runs.LOCK_FILE).write_text(json.dumps(record))
+        assert runs.is_held(held)
+        with runs.RunLock() as lock, pytest.raises(runs.UserError) as refused:
+            lock.acquire(held)
+        assert f"process {holder.pid} on {record['host']}" in str(refused.value)
+        assert runs.find_resume_run(spec, "auto", tmp_path) == older
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_log_line(tmp_path, capsys):
+    dead = {"host": runs.socket.gethostname(), "pid": dead_pid(), "token": "old"}
+    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(dead))
+    assert not runs.is_held(tmp_path)
+    with runs.RunLock() as lock:
+        lock.acquire(tmp_path)
+        assert f"process {dead['pid']} has ended" in capsys.readouterr().out
+        assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / runs.LOCK_FILE).exists()  # released on exit
+    elsewhere = {"host": "another-node", "pid": 1, "token": "old"}
+    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(elsewhere))
+    assert runs.is_held(tmp_path)  # another host's process: only its heartbeat says it is gone
+    stale = time.time() - runs.STALE_LOCK_S - 5
+    os.utime(tmp_path / runs.LOCK_FILE, (stale, stale))
+    with runs.RunLock() as lock:
+        lock.acquire(tmp_path)
+        assert "no heartbeat for" in capsys.readouterr().out
+
+
+def test_the_holder_keeps_its_lock_alive_with_a_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
+    with runs.RunLock() as lock:
+        lock.acquire(tmp_path)
+        old = time.time() - 100
+        os.utime(tmp_path / runs.LOCK_FILE, (old, old))
+        deadline = time.monotonic() + 30
+        while (tmp_path / runs.LOCK_FILE).stat().st_mtime < old + 50:
+            assert time.monotonic() < deadline, "the heartbeat never touched the lock"
+            time.sleep(0.05)
+
+
+def test_cleanup_removes_temp_files_of_unstarted_runs_but_never_of_a_held_one(tmp_path):
+    spec = cnn_from_scratch.RUN
+    killed = make_run(spec, tmp_path, "unstarted", "20260101-100000")
+    held = make_run(spec, tmp_path, "unstarted", "20260101-110000")
+    resumable = make_run(spec, tmp_path, "resumable", "20260101-120000")
+    for folder in (killed, held, resumable):
+        (folder / ".last.pt.123.tmp").write_bytes(b"half a checkpoint")
+    with runs.RunLock() as lock:
+        lock.acquire(held)
+        assert runs.clean_unstarted_runs(spec, tmp_path) == 1
+    assert not (killed / ".last.pt.123.tmp").exists()
+    assert (held / ".last.pt.123.tmp").exists()  # its process may be writing it now
+    assert (resumable / ".last.pt.123.tmp").exists()  # its own resume removes it
+
+
+def test_the_next_run_in_a_folder_removes_what_a_killed_write_left(tmp_path):
+    (tmp_path / "linear_probe").mkdir()
+    stale = [tmp_path / ".last.pt.abc123.tmp", tmp_path / "linear_probe/.last.pt.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    (tmp_path / "keep.tmp").write_bytes(b"not ours")
+    assert runs.remove_stale_temp_files(tmp_path) == 2
+    assert not any(path.exists() for path in stale) and (tmp_path / "keep.tmp").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_folder_with_a_stale_temp_file_is_no_traceback(tmp_path):
+    (tmp_path / ".last.pt.1.tmp").write_bytes(b"half")
+    tmp_path.chmod(0o555)
+    try:
+        assert runs.remove_stale_temp_files(tmp_path) == 0
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_remove_stale_temp_files_survives_a_file_it_cannot_remove(tmp_path, monkeypatch):
+    (tmp_path / ".last.pt.1.tmp").write_bytes(b"half")
+
+    def read_only(self, missing_ok=False):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert runs.remove_stale_temp_files(tmp_path) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_option_given_equal_to_its_default_or_zero_is_still_explicit(script):
     parser = script.get_args_parser()
     default = parser.get_default("batch_size")
-    explicit = script.explicit_options(parser, ["--batch-size", str(default)])
-    assert "batch_size" in explicit and "epochs" not in explicit
+    explicit = runs.explicit_options(parser, ["--batch-size", str(default), "--seed", "0"])
+    assert explicit == {"batch_size", "seed"}
     args = parser.parse_args(["--batch-size", str(default)])
-    with pytest.raises(script.UserError, match="--batch-size .* contradicts"):
-        script.merge_resumed_args(args, {"batch_size": default + 1}, explicit)
+    with pytest.raises(runs.UserError, match="--batch-size .* contradicts"):
+        runs.merge_resumed_args(script.RUN, args, {"batch_size": default + 1}, explicit)
     args = parser.parse_args([])
-    script.merge_resumed_args(args, {"batch_size": default + 1}, set())
+    runs.merge_resumed_args(script.RUN, args, {"batch_size": default + 1}, set())
     assert args.batch_size == default + 1  # not given: the run's own value is kept
 
 
 def test_help_shows_each_default_once(script):
-    text = script.get_args_parser().format_help()
+    parser = script.get_args_parser()
+    text = parser.format_help()
     assert "(default: None)" not in text
     options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
     repeated = [o.split()[0] for o in options if o.lower().count("default") > 1]
     assert not repeated, repeated
-    assert "(default: " in text
+    defaults = vars(parser.parse_args([]))
+    shown = {o.split()[0].lstrip("-").replace("-", "_") for o in options if "default" in o.lower()}
+    given = {name for name, value in defaults.items() if value not in (None, False)}
+    assert given <= shown, sorted(given - shown)
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-@pytest.mark.parametrize(
-    "argv", [["--seed", str(2**64)], ["--seed", "-1"], ["--epochs", "0"], ["--lr", "nan"]]
-)
-def test_bad_numbers_are_one_error_line_and_exit_2(name, argv):
-    script = SCRIPTS[name]
+def numeric_options(parser) -> list[str]:
+    """The options that take a number: those that read "--x=5" as the number 5."""
+    found = []
+    for name in vars(parser.parse_args([])):
+        flag = "--" + name.replace("_", "-")
+        try:
+            value = getattr(parser.parse_args([f"{flag}=5"]), name)
+        except SystemExit:  # a choice, a flag, or 5 out of range: tried with 32 below
+            try:
+                value = getattr(parser.parse_args([f"{flag}=32"]), name)
+            except SystemExit:
+                continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append(flag)
+    return found
+
+
+def parse_error(script, argv: list[str], capsys) -> str:
+    """The one error line the parser prints for argv (it must exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        script.get_args_parser().parse_args(argv)
+    assert exited.value.code == runs.USAGE_EXIT_CODE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_and_huge_numbers_are_one_error_line_for_every_numeric_option(script, capsys):
+    numeric = numeric_options(script.get_args_parser())
+    capsys.readouterr()
+    assert len(numeric) >= 6 and "--seed" in numeric and "--lr" in numeric
+    for flag in numeric:
+        for text in ("nan", "inf", "1e400", "1" + "0" * 400, "-1" + "0" * 400, "x"):
+            assert parse_error(script, [f"{flag}={text}"], capsys).startswith(
+                f"error: argument {flag}"
+            )
+    for argv in (["--seed", str(2**32)], ["--seed=-1"], ["--epochs", "0"], ["--lr", "0"]):
+        assert parse_error(script, argv, capsys).startswith("error: argument " + argv[0][:6])
+
+
+def test_a_negative_number_is_told_to_use_an_equals_sign(script, capsys):
+    line = parse_error(script, ["--weight-decay", "-1e-9"], capsys)
+    assert "--weight-decay=-1e-9" in line
+
+
+def test_abbreviated_options_are_refused(script, capsys):
+    assert "unrecognized arguments: --resu" in parse_error(script, ["--resu", "auto"], capsys)
+    assert "--output" in parse_error(script, ["--output", "x"], capsys)
+
+
+@pytest.mark.slow
+def test_a_bad_number_is_one_error_line_and_exit_2_in_a_real_process():
     result = subprocess.run(
-        [sys.executable, script.__file__, *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, cnn_from_scratch.__file__, "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: argument " + argv[0]), lines
+    assert result.stderr.splitlines() == [
+        "error: argument --epochs: expected a whole number from 1 to 2147483647, got '0' "
+        "(see cnn_from_scratch.py --help)"
+    ]
 
 
-def test_a_failed_write_is_one_error_naming_the_file_and_the_resume(script, tmp_path, monkeypatch):
-    run_dir = make_run(script, tmp_path, "resumable", "20260101-100000")
+def test_array_tasks_train_their_own_seed(monkeypatch):
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    args = argparse.Namespace(seed=7)
+    assert runs.apply_array_seed(args) == 0 and args.seed == 7
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert runs.apply_array_seed(args) == 3 and args.seed == 10
+
+
+def test_the_resume_command_pastes_with_this_interpreter_and_quoted_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "my results ü" / "cnn_20260101-100000"
+    monkeypatch.setattr(sys, "argv", [str(REPO / "cnn_from_scratch.py")])
+    command = runs.resume_command(cnn_from_scratch.RUN, run_dir)
+    words = shlex.split(command)
+    assert words[0] == sys.executable or (tmp_path / words[0]).resolve() == Path(sys.executable)
+    assert Path(words[1]) == REPO / "cnn_from_scratch.py"
+    assert words[2:] == ["--resume", "my results ü/cnn_20260101-100000"]
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_failed_write_is_one_error_naming_the_file_and_the_resume(tmp_path, monkeypatch):
+    spec = resnet18.RUN
+    run_dir = make_run(spec, tmp_path, "resumable", "20260101-100000")
+    (run_dir / "linear_probe" / "last.pt").write_bytes(b"checkpoint")
     target = run_dir / "history.csv"
 
     def disk_full(descriptor):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(script.os, "fsync", disk_full)
-    with pytest.raises(script.OutputError) as raised:
-        script.write_csv(target, [{"epoch": 1}])
+    monkeypatch.setattr(runs.os, "fsync", disk_full)
+    with pytest.raises(runs.OutputError) as raised:
+        runs.write_csv(target, [{"epoch": 1}])
     message = str(raised.value)
     assert str(target) in message and "No space left on device" in message
     assert f"--resume {run_dir}" in message and "\n" not in message
     assert not target.exists() and not list(run_dir.glob(".*.tmp"))
-    unstarted = make_run(script, tmp_path, "unstarted", "20260101-110000")
-    with pytest.raises(script.OutputError, match="Nothing to resume|nothing to resume"):
-        script.write_csv(unstarted / "history.csv", [{"epoch": 1}])
+    unstarted = make_run(spec, tmp_path, "unstarted", "20260101-110000")
+    with pytest.raises(runs.OutputError, match="nothing to resume yet"):
+        runs.write_csv(unstarted / "history.csv", [{"epoch": 1}])
 
 
-def test_the_next_run_in_a_folder_removes_what_a_killed_write_left(script, tmp_path):
-    (tmp_path / "linear_probe").mkdir()
-    stale = [tmp_path / ".checkpoint_last.pt.abc123.tmp", tmp_path / "linear_probe/.last.pt.x.tmp"]
-    for path in stale:
-        path.write_bytes(b"half")
-    (tmp_path / "keep.tmp").write_bytes(b"not ours")
-    assert script.remove_stale_temp_files(tmp_path) == 2
-    assert not any(path.exists() for path in stale) and (tmp_path / "keep.tmp").exists()
-
-
-def test_csv_numbers_have_no_float_noise(script, tmp_path):
-    script.write_csv(tmp_path / "h.csv", [{"epoch": 1, "lr": 0.1 * 3 / 3 - 1e-17, "loss": 1e33}])
+def test_csv_numbers_have_no_float_noise(tmp_path):
+    runs.write_csv(tmp_path / "h.csv", [{"epoch": 1, "lr": 0.1 * 3 / 3 - 1e-17, "loss": 1e33}])
     assert (tmp_path / "h.csv").read_text().splitlines() == ["epoch,lr,loss", "1,0.1,1e+33"]
 
 
-def test_stop_signal_first_one_counts_a_second_ctrl_c_aborts(script):
-    before = {number: signal.getsignal(number) for number in script.STOP_SIGNALS}
-    with script.StopSignal() as stop:
+def test_json_keeps_a_matrix_row_on_one_line(tmp_path):
+    metrics = {"accuracy": 0.5, "confusion_matrix": [[5, 1], [2, 7]], "per_class": {"0": {}}}
+    runs.atomic_write(tmp_path / "m.json", metrics)
+    text = (tmp_path / "m.json").read_text()
+    assert "    [5, 1],\n    [2, 7]\n" in text
+    assert json.loads(text) == metrics
+
+
+def test_run_main_turns_errors_and_a_second_ctrl_c_into_one_line(capsys):
+    def refuse(args, explicit, stop, lock):
+        raise runs.UserError("--resume x: no run folder")
+
+    def interrupted(args, explicit, stop, lock):
+        raise KeyboardInterrupt
+
+    assert runs.run_main(refuse, argparse.Namespace(), set()) == runs.USAGE_EXIT_CODE
+    assert capsys.readouterr().err == "error: --resume x: no run folder\n"
+    assert runs.run_main(interrupted, argparse.Namespace(), set()) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted again")
+
+
+def test_stop_signal_first_one_counts_a_second_ctrl_c_aborts():
+    before = {number: signal.getsignal(number) for number in runs.STOP_SIGNALS}
+    with runs.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGUSR1)  # a second stop signal changes nothing
-        assert stop.received == "SIGTERM" and stop.exit_code == script.RESUMABLE_EXIT_CODE
-    with pytest.raises(KeyboardInterrupt), script.StopSignal() as stop:
+        assert stop.received == "SIGTERM" and stop.exit_code == runs.RESUMABLE_EXIT_CODE
+    with pytest.raises(KeyboardInterrupt), runs.StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.received == "SIGINT" and stop.exit_code == script.INTERRUPTED_EXIT_CODE
+        assert stop.received == "SIGINT" and stop.exit_code == runs.INTERRUPTED_EXIT_CODE
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler raises here
     os.kill(os.getpid(), signal.SIGINT)  # after a stop, late signals are ignored (not 75 -> 143)
     time.sleep(0.1)
     for number, handler in before.items():
         signal.signal(number, handler)
-    with script.StopSignal() as stop:  # no signal: the handlers before it come back
+    with runs.StopSignal() as stop:  # no signal: the handlers before it come back
         pass
     assert all(signal.getsignal(number) is handler for number, handler in before.items())
 
 
-def test_array_tasks_train_their_own_seed(script, monkeypatch):
-    args = argparse.Namespace(seed=7)
-    assert script.apply_array_seed(args) == 0 and args.seed == 7
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert script.apply_array_seed(args) == 3 and args.seed == 10
+def test_a_resume_on_other_data_is_refused_naming_the_file(tmp_path):
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(b"\x00\x00\x08\x01" + bytes(10))
+    recorded = runs.data_fingerprint([labels])
+    assert recorded[labels.name]["bytes"] == 14 and len(recorded[labels.name]["sha256"]) == 64
+    runs.check_same_data(recorded, runs.data_fingerprint([labels]), tmp_path)
+    runs.check_same_data(None, recorded, tmp_path)  # a run made before fingerprints: no check
+    labels.write_bytes(b"\x00\x00\x08\x01" + bytes(9) + b"\x01")  # same size, other labels
+    with pytest.raises(runs.UserError, match="differ from what this run was trained on .train-"):
+        runs.check_same_data(recorded, runs.data_fingerprint([labels]), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Seed summaries
+# --------------------------------------------------------------------------------------------
+
+
+def finished_run(output_dir: Path, seed: int, accuracy: float, **args) -> Path:
+    spec = cnn_from_scratch.RUN
+    run_dir = output_dir / f"cnn_20260101-10000{seed}"
+    run_dir.mkdir(parents=True)
+    record = {"script": spec.script, "args": {"seed": seed, "lr": 0.1, **args}}
+    (run_dir / "config.json").write_text(json.dumps(record))
+    (run_dir / "last.pt").write_bytes(b"checkpoint")
+    metrics = {"test_accuracy": accuracy, "test_loss": 0.1, "macro_f1": accuracy - 0.01}
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "train_time_s": 10.0 + seed}))
+    rows = ["epoch,val_accuracy", "1,0.9", f"2,{accuracy}"]
+    (run_dir / "history.csv").write_text("\n".join(rows) + "\n")
+    return run_dir
+
+
+def test_a_summary_counts_a_run_given_twice_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    first = finished_run(tmp_path / "runs", 0, 0.98)
+    second = finished_run(tmp_path / "runs", 1, 0.96)
+    relative = str(first.relative_to(tmp_path))
+    folder = runs.summarize_runs(cnn_from_scratch.RUN, [relative, str(first), str(second)], "s")
+    assert "are the same run: counted once" in capsys.readouterr().out
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert summary["metrics"]["test_accuracy"]["mean"] == pytest.approx(0.97)
+    markdown = (folder / "summary.md").read_text()
+    assert "| 0 | 98.00 | 97.00 | 0.1000 | 10.0 |" in markdown  # one row per seed, percent
+    assert "| test_accuracy (%) | 97.00 ± 1.41 | 96.00 | 98.00 | 2 |" in markdown
+    assert "Settings of every run: lr 0.1." in markdown
+
+
+def test_a_summary_of_one_run_shows_no_spread(tmp_path):
+    only = finished_run(tmp_path / "runs", 0, 0.98)
+    folder = runs.summarize_runs(cnn_from_scratch.RUN, [str(only)], tmp_path / "s")
+    markdown = (folder / "summary.md").read_text()
+    assert "1 run" in markdown and "±" not in markdown
+    assert "| test_accuracy (%) | 98.00 |" in markdown
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (("metrics.json", '{"test_acc'), "metrics.json is damaged"),
+        (("metrics.json", '{"something": 1}'), "has no test_accuracy"),
+        (("history.csv", ""), "history.csv is damaged"),
+        (("history.csv", "epoch,val_accuracy\n1\n"), "history.csv is damaged"),
+        (("config.json", '{"script": "cnn_from_scratch.py", "args": {}}'), "no seed"),
+        (
+            (
+                "config.json",
+                '{"script": "cnn_from_scratch.py", "args": {"seed": 0}, "dry_run": true}',
+            ),
+            "--dry-run",
+        ),
+    ],
+)
+def test_a_summary_over_damaged_runs_is_one_error_line(tmp_path, damage, message, capsys):
+    good = finished_run(tmp_path / "runs", 0, 0.98)
+    bad = finished_run(tmp_path / "runs", 1, 0.97)
+    (bad / damage[0]).write_text(damage[1])
+    argv = ["--summarize", str(good), str(bad), "--output-dir", str(tmp_path / "s")]
+    assert cnn_from_scratch.main(argv) == runs.USAGE_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --summarize") and message in err[0], err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_imports_stops_the_run_cleanly(number, tmp_path):
+    """A signal sent while the script is still importing (once it holds the stop signals, its
+    first act): the dry run starts, stops at its first step and exits 75 (SIGTERM) or 130
+    (Ctrl-C) with its closing lines, never a traceback; more signals while it shuts down
+    change nothing."""
+    command = [
+        sys.executable,
+        cnn_from_scratch.__file__,
+        "--dry-run",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    environment = {k: v for k, v in os.environ.items() if k not in SLURM_VARIABLES}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
+    bit = 1 << (number - 1)
+    deadline = time.monotonic() + 60
+    while not blocked_signals(process.pid) & bit and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.send_signal(number)
+    out, err = process.communicate(timeout=300)
+    expected = runs.RESUMABLE_EXIT_CODE if number == signal.SIGTERM else 130
+    assert process.returncode == expected, out + err
+    assert "Traceback" not in err
+    assert out.strip().splitlines()[-1].startswith("stopped: "), out
 
 
 def blocked_signals(pid: int) -> int:
@@ -236,98 +534,3 @@ def blocked_signals(pid: int) -> int:
         if line.startswith("SigBlk:"):
             return int(line.split()[1], 16)
     return 0
-
-
-@pytest.fixture(scope="module")
-def tiny_inputs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("inputs")
-    write_emnist(root / "data")
-    write_standin_weights(root / "torch")
-    mnist = REPO.parent / "shared" / "data"
-    return {"emnist": root / "data", "torch_home": root / "torch", "mnist": mnist}
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_a_signal_during_the_imports_stops_the_run_resumably(name, tiny_inputs, tmp_path):
-    """SIGTERM sent while the script is still importing torch (once it holds the stop signals,
-    which is its first act): the run starts, takes a step, checkpoints and exits 75; more
-    SIGTERMs once it has said `stopped:` (while it shuts down) keep the 75."""
-    script = SCRIPTS[name]
-    if name == "cnn":
-        if not (tiny_inputs["mnist"] / "MNIST" / "raw").is_dir():
-            pytest.skip("needs MNIST in ../shared/data")
-        argv = ["--data-dir", str(tiny_inputs["mnist"]), "--epochs", "1"]
-    else:
-        argv = ["--data-dir", str(tiny_inputs["emnist"]), "--regime", "partial_unfreeze"]
-        argv += ["--img-size", "32", "--batch-size", "32", "--epochs", "1", "--no-download"]
-    environment = {k: v for k, v in os.environ.items() if k not in SLURM_VARIABLES}
-    environment["TORCH_HOME"] = str(tiny_inputs["torch_home"])
-    command = [
-        sys.executable,
-        script.__file__,
-        *argv,
-        "--output-dir",
-        str(tmp_path),
-        "--device",
-        "cpu",
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
-    )
-    sigterm = 1 << (signal.SIGTERM - 1)
-    deadline = time.monotonic() + 60
-    while not blocked_signals(process.pid) & sigterm and time.monotonic() < deadline:
-        time.sleep(0.001)
-    process.send_signal(signal.SIGTERM)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith("stopped: "):
-            break
-    while process.poll() is None:  # more signals while it exits (every 10 ms) change nothing
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.01)
-    rest, err = process.communicate(timeout=600)
-    out = "".join(lines) + rest
-    assert process.returncode == script.RESUMABLE_EXIT_CODE, out + err
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("stopped: "), out
-    run_dir = Path(last.removeprefix("stopped: "))
-    assert script.run_state(run_dir) == "resumable"
-    assert f"--resume {run_dir}" in out
-
-
-def test_summary_of_three_real_mnist_runs_equals_a_hand_computation(tmp_path, capsys):
-    """Three 1-epoch CNN runs on real MNIST, one unfinished run beside them, then a run made
-    with other settings: the summary's numbers are the three metrics.json's, by hand."""
-    mnist = REPO.parent / "shared" / "data"
-    if not (mnist / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.skip("needs the real MNIST in ../shared/data")
-    runs = tmp_path / "runs"
-    base = ["--data-dir", str(mnist), "--output-dir", str(runs), "--epochs", "1", "--device", "cpu"]
-    for seed in ("0", "1", "2"):
-        assert cnn_from_scratch.main([*base, "--seed", seed]) == 0
-    finished = sorted(runs.iterdir())
-    unfinished = make_run(cnn_from_scratch, runs, "resumable", "20200101-000000")
-    capsys.readouterr()
-    summary_args = ["--summarize", *map(str, finished), str(unfinished), "--output-dir"]
-    assert cnn_from_scratch.main([*summary_args, str(tmp_path / "summaries")]) == 0
-    folder = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: "))
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["seeds"] == [0, 1, 2] and summary["left_out_unfinished"] == [str(unfinished)]
-    for key in ("test_accuracy", "test_loss", "macro_f1"):
-        values = [json.loads((d / "metrics.json").read_text())[key] for d in finished]
-        mean = sum(values) / 3
-        std = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
-        expected = {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": 3}
-        assert summary["metrics"][key] == pytest.approx(expected, rel=1e-12), key
-    assert (
-        f"| test_accuracy (%) | {100 * summary['metrics']['test_accuracy']['mean']:.4g} ±"
-        in (folder / "summary.md").read_text()
-    )
-    assert (folder / "summary.png").stat().st_size > 10_000
-    assert cnn_from_scratch.main([*base, "--seed", "3", "--lr", "0.05"]) == 0
-    other = max(runs.glob("cnn_*"), key=lambda d: d.stat().st_mtime)
-    code = cnn_from_scratch.main(["--summarize", str(finished[0]), str(other)])
-    assert code == 2 and "differ in more than the seed (lr)" in capsys.readouterr().err
