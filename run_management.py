@@ -248,10 +248,17 @@ def run_main(run, args: argparse.Namespace, explicit: set[str]) -> int:
         message = str(error)
         code = FAILURE_EXIT_CODE
     except KeyboardInterrupt:
-        message = "interrupted again: stopped at once; checkpoints written before are intact"
+        message = f"interrupted again: stopped at once; {saved_work(lock.run_dir)}"
         code = INTERRUPTED_EXIT_CODE
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def saved_work(run_dir: Path | None) -> str:
+    """What an abort left: the run's last checkpoint, or nothing."""
+    if run_dir is None or not any(run_dir.glob(f"**/{CHECKPOINT_NAME}")):
+        return "nothing was saved"
+    return f"the last checkpoint is intact: --resume {shell_path(run_dir)} continues from it"
 
 
 def ignore_stop_signals() -> None:
@@ -344,9 +351,7 @@ def after_failed_write(path: Path) -> str:
     run_dir = next((p for p in path.parents if (p / RUN_RECORD).is_file()), None)
     if run_dir is None or not any(run_dir.glob(f"**/{CHECKPOINT_NAME}")):
         return "nothing to resume yet: make room (or pass another --output-dir), then start again"
-    return (
-        f"the last checkpoint is intact: make room, then resume with --resume {shell_path(run_dir)}"
-    )
+    return f"make room, then continue: {saved_work(run_dir)}"
 
 
 def save_figure(figure, path: str | Path) -> None:
@@ -441,6 +446,7 @@ class RunLock:
     """
 
     def __init__(self):
+        self.run_dir = None  # the run folder it was acquired for (kept after release)
         self.path = None
         self.token = uuid.uuid4().hex
         self.stopped = threading.Event()
@@ -476,6 +482,7 @@ class RunLock:
             with os.fdopen(descriptor, "w") as handle:
                 json.dump(record, handle)
             TOKENS_HELD_HERE.add(self.token)
+            self.run_dir = Path(run_dir)
             self.path = path
             self.thread = threading.Thread(target=self.beat, daemon=True)
             self.thread.start()

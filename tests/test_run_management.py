@@ -393,7 +393,22 @@ def test_run_main_turns_errors_and_a_second_ctrl_c_into_one_line(capsys):
     assert runs.run_main(refuse, argparse.Namespace(), set()) == runs.USAGE_EXIT_CODE
     assert capsys.readouterr().err == "error: --resume x: no run folder\n"
     assert runs.run_main(interrupted, argparse.Namespace(), set()) == 130
-    assert capsys.readouterr().err.startswith("error: interrupted again")
+    assert (
+        capsys.readouterr().err == "error: interrupted again: stopped at once; nothing was saved\n"
+    )
+
+
+def test_an_abort_after_a_checkpoint_names_the_resume(tmp_path, capsys):
+    (tmp_path / "last.pt").write_bytes(b"checkpoint")
+
+    def interrupted_in_a_run(args, explicit, stop, lock):
+        lock.acquire(tmp_path)
+        raise KeyboardInterrupt
+
+    assert runs.run_main(interrupted_in_a_run, argparse.Namespace(), set()) == 130
+    err = capsys.readouterr().err
+    assert f"the last checkpoint is intact: --resume {tmp_path} continues" in err
+    assert not (tmp_path / runs.LOCK_FILE).exists()  # released however the run ends
 
 
 def test_stop_signal_first_one_counts_a_second_ctrl_c_aborts():
