@@ -484,6 +484,7 @@ class RunLock:
             TOKENS_HELD_HERE.add(self.token)
             self.run_dir = Path(run_dir)
             self.path = path
+            announce_run_folder(run_dir)  # the one process that trains it says where it is
             self.thread = threading.Thread(target=self.beat, daemon=True)
             self.thread.start()
             return
@@ -582,7 +583,6 @@ def new_run(
     run_dir = make_run_dir(output_dir, prefix)
     lock.acquire(run_dir)
     atomic_write(run_dir / RUN_RECORD, {"script": spec.script, "dry_run": dry_run, **config})
-    announce_run_folder(run_dir)
     return run_dir
 
 
@@ -974,6 +974,16 @@ def nvidia_smi_report() -> str:
     return f"nvidia-smi reports {'; '.join(lines) or 'nothing'}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 9654 96-Core Processor"), for logs and benchmarks."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        if found:
+            return found[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment_summary(device: torch.device) -> dict:
     """What ran where: versions, host, device and SLURM job, for the log and config.json."""
     git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"]
@@ -987,7 +997,7 @@ def environment_summary(device: torch.device) -> dict:
         "host": socket.gethostname(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": commit or None,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

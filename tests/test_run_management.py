@@ -172,6 +172,16 @@ def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_log_line(tmp_path, cap
         assert "no heartbeat for" in capsys.readouterr().out
 
 
+def test_the_process_that_takes_a_run_names_it_where_the_wrapper_reads(tmp_path, monkeypatch):
+    named = tmp_path / "run_folder"
+    monkeypatch.setenv(runs.RUN_FOLDER_FILE_VARIABLE, str(named))
+    run_dir = tmp_path / "cnn_20260101-100000"
+    run_dir.mkdir()
+    with runs.RunLock() as lock:
+        lock.acquire(run_dir)
+    assert named.read_text() == f"{run_dir}\n"
+
+
 def test_the_holder_keeps_its_lock_alive_with_a_heartbeat(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
     with runs.RunLock() as lock:
