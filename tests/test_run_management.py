@@ -265,7 +265,7 @@ def test_help_shows_each_default_once(script):
     repeated = [o.split()[0] for o in options if o.lower().count("default") > 1]
     assert not repeated, repeated
     defaults = vars(parser.parse_args([]))
-    shown = {o.split()[0].lstrip("-").replace("-", "_") for o in options if "default" in o.lower()}
+    shown = {o.split()[0].strip("-,").replace("-", "_") for o in options if "default" in o.lower()}
     given = {name for name, value in defaults.items() if value not in (None, False)}
     assert given <= shown, sorted(given - shown)
 
