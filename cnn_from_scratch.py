@@ -6,7 +6,9 @@ forward and backward pass on torch tensor primitives, with no autograd: once as 
 larger operations); docs/cnn_layers.md derives both. The network: Conv(1->8, 3x3, pad 1) ->
 ReLU -> MaxPool(2) -> Conv(8->16, 3x3, pad 1) -> ReLU -> MaxPool(2) -> Flatten -> Linear(784->10).
 
+    python cnn_from_scratch.py --dry-run                  # the whole pipeline in seconds, offline
     python cnn_from_scratch.py --data-dir ./data          # the reported run; downloads MNIST
+    python cnn_from_scratch.py --prefetch --data-dir ./data   # only download and verify MNIST
     python cnn_from_scratch.py --layers reference         # the same training on the plain layers
     python cnn_from_scratch.py --check-gradients          # every backward vs finite differences
     python cnn_from_scratch.py --resume results/cnn_...   # continue a stopped run
@@ -33,7 +35,10 @@ import itertools  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -52,7 +57,10 @@ from run_management import (  # noqa: E402
     apply_array_seed,
     atomic_write,
     capture_rng_state,
+    check_same_data,
+    clean_unstarted_runs,
     count_int,
+    data_fingerprint,
     environment_summary,
     explicit_options,
     find_resume_run,
@@ -86,46 +94,132 @@ RUN = RunSpec(
     progress_files=(CHECKPOINT_NAME,),
     history_files=("history.csv",),
 )
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
 LAYER_KINDS = ("fast", "reference")  # --layers: the fast layers, or the textbook ones
+CONV_KERNELS = ("columns", "kernel-rows")  # --conv-kernels: ColumnsConv2D or KernelRowsConv2D
 GRADIENT_TOLERANCES = {"finite differences": 1e-6, "autograd": 1e-10}  # --check-gradients
+DRY_RUN_IMAGES = {"train": 600, "test": 200}  # --dry-run's synthetic data set
+PREFETCH_HINT = (
+    "on a machine with internet run `python cnn_from_scratch.py --prefetch --data-dir DIR` (or "
+    "./setup_env.sh --prefetch) and copy DIR/MNIST/raw/ here, or pass a --data-dir that holds it"
+)
 
 
 # --------------------------------------------------------------------------------------------
-# CLI and environment
+# CLI
 # --------------------------------------------------------------------------------------------
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    data = "folder of MNIST/raw/, downloaded there if missing. Default: $DATA_DIR, else ./data"
-    add("--data-dir", default=os.environ.get("DATA_DIR", "./data"), help=data)
-    output = "where run folders are made. Default: $RESULTS_DIR, else ./results"
-    add("--output-dir", default=os.environ.get("RESULTS_DIR", "./results"), help=output)
-    add("--epochs", type=positive_int, default=5, help="training epochs")
-    add("--batch-size", type=positive_int, default=640, help="training batch size")
-    add("--lr", type=positive_float, default=0.1, help="peak learning rate")
-    momentum = open_fraction
-    add("--momentum", type=momentum, default=0.9, help="SGD Nesterov momentum")
-    add("--weight-decay", type=non_negative_float, default=5e-4, help="L2 weight decay")
-    warmup = "epochs of linear warmup, then cosine decay to 0"
-    add("--warmup-epochs", type=non_negative_float, default=1.0, help=warmup)
-    add("--seed", type=seed_int, default=0, help="seed for init, split and shuffling")
-    add(
+    add_data_options(parser.add_argument_group("data, device and outputs"))
+    add_training_options(parser.add_argument_group("training"))
+    add_mode_options(parser.add_argument_group("other modes (each only does what it says)"))
+    return parser
+
+
+def add_data_options(group) -> None:
+    group.add_argument(
+        "--data-dir",
+        default=os.environ.get("DATA_DIR", "./data"),
+        help="folder of MNIST/raw/, downloaded there if missing. Default: $DATA_DIR, else ./data",
+    )
+    group.add_argument(
+        "--output-dir",
+        default=os.environ.get("RESULTS_DIR", "./results"),
+        help="where run folders are made. Default: $RESULTS_DIR, else ./results",
+    )
+    group.add_argument(
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda", "mps"],
-        help="auto: cuda/mps/cpu",
+        help="auto: cuda, else mps, else cpu (default: %(default)s)",
     )
-    add("--val-size", type=count_int, default=5000, help="training images held out for validation")
-    add("--layers", default="fast", choices=LAYER_KINDS, help="fast, or the plain reference ones")
-    resume = "a run folder to continue, or 'auto': the newest unfinished run of this SLURM job"
-    add("--resume", help=resume + " (outside SLURM: of --output-dir), else a new run")
-    check = "only compare every hand-written backward with finite differences and autograd"
-    add("--check-gradients", action="store_true", help=check)
-    add("--summarize", nargs="+", metavar="RUN_DIR", help="only summarise finished runs' metrics")
-    return parser
+    group.add_argument(
+        "--resume",
+        help="a run folder to continue, or 'auto': the newest unfinished run of this SLURM job "
+        "(outside SLURM: of --output-dir); without it, a new run",
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the whole pipeline on a few hundred synthetic images, offline, in seconds; its "
+        "run folder is named cnn-dryrun_<time>",
+    )
+
+
+def add_training_options(group) -> None:
+    group.add_argument(
+        "--epochs", type=positive_int, default=5, help="training epochs (default: %(default)s)"
+    )
+    group.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=640,
+        help="images per step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--lr", type=positive_float, default=0.1, help="peak learning rate (default: %(default)s)"
+    )
+    group.add_argument(
+        "--momentum",
+        type=open_fraction,
+        default=0.9,
+        help="SGD's Nesterov momentum (default: %(default)s)",
+    )
+    group.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=5e-4,
+        help="L2 weight decay (default: %(default)s)",
+    )
+    group.add_argument(
+        "--warmup-epochs",
+        type=non_negative_float,
+        help="epochs of linear warmup, then cosine decay to 0 (default: min(1, epochs / 5))",
+    )
+    group.add_argument(
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="seed of init, split, shuffling (default: %(default)s)",
+    )
+    group.add_argument(
+        "--val-size",
+        type=count_int,
+        default=5000,
+        help="training images held out for validation (default: %(default)s)",
+    )
+    group.add_argument(
+        "--layers",
+        default="fast",
+        choices=LAYER_KINDS,
+        help="the fast layers, or the plain reference ones (default: %(default)s)",
+    )
+    group.add_argument(
+        "--conv-kernels",
+        default="auto",
+        choices=["auto", *CONV_KERNELS],
+        help="the fast second convolution's formulation; auto: the faster of the two in a short "
+        "timing at the start, recorded in config.json (default: %(default)s)",
+    )
+
+
+def add_mode_options(group) -> None:
+    group.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="download (if missing) and verify MNIST in --data-dir, then exit",
+    )
+    group.add_argument(
+        "--check-gradients",
+        action="store_true",
+        help="compare every hand-written backward with finite differences and autograd",
+    )
+    group.add_argument(
+        "--summarize", nargs="+", metavar="RUN_DIR", help="summarise finished runs' metrics"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,27 +227,88 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def load_mnist(data_dir, train=True, download=True) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST's train or test split through torchvision: uint8 images (N, 28, 28), int64 labels
-    (N,). Each way that fails (missing, gzip only, unreadable, corrupt) is one UserError that
-    says what to do."""
+def mnist_sources() -> dict[str, tuple[list[str], str]]:
+    """Each raw MNIST file -> the addresses of its .gz (torchvision's mirrors) and the .gz's
+    published MD5, in torchvision's order (train images, train labels, test images, labels)."""
     from torchvision.datasets import MNIST
 
-    raw, split = Path(data_dir) / "MNIST" / "raw", "train" if train else "t10k"
-    names, failure = [f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"], "not downloaded"
-    fetch = f"on a machine with internet run `python cnn_from_scratch.py --data-dir {data_dir}`"
-    fetch += " (or ./setup_env.sh --prefetch), copy it here, or pass a --data-dir with MNIST/raw/"
+    sources = {}
+    for archive, md5 in MNIST.resources:
+        sources[archive.removesuffix(".gz")] = ([mirror + archive for mirror in MNIST.mirrors], md5)
+    return sources
+
+
+def missing_mnist_files(raw: Path) -> list[str]:
+    """The raw MNIST files not in `raw`; a UserError if only their .gz are there."""
     try:
-        present = os.listdir(raw) if raw.is_dir() else []  # PermissionError if unreadable
-        if download and not set(names) <= set(present):
-            try:
-                MNIST(root=str(data_dir), train=train, download=True)
-            except Exception as error:  # offline: RuntimeError/URLError/OSError
-                failure = f"downloading them failed ({first_line(error)})"
-            present = os.listdir(raw) if raw.is_dir() else []
-        absent = [name for name in names if name not in present]
-        if not absent:
-            dataset = MNIST(root=str(data_dir), train=train, download=False)
+        present = set(os.listdir(raw)) if raw.is_dir() else set()
+    except PermissionError:
+        raise UserError(
+            f"cannot read {raw}: permission denied (unreadable, not missing or corrupt): make "
+            "it readable to this user, or pass another --data-dir"
+        ) from None
+    missing = [name for name in mnist_sources() if name not in present]
+    if missing and all(f"{name}.gz" in present for name in missing):
+        raise UserError(f"only .gz files found in {raw} for {', '.join(missing)}: decompress them")
+    return missing
+
+
+def missing_files_message(raw: Path, missing: list[str], why: str) -> str:
+    sources = mnist_sources()
+    listed = ", ".join(f"{name} ({sources[name][0][0]})" for name in missing)
+    return f"MNIST files missing in {raw}: {listed}; {why}; {PREFETCH_HINT}"
+
+
+def download_one(name: str, addresses: list[str], md5: str, folder: Path) -> None:
+    """Download name.gz from the first address that works, check its MD5 and decompress it
+    into folder; an OSError with every address's reason if none works."""
+    from torchvision.datasets import utils
+
+    reasons = []
+    for url in addresses:
+        try:
+            utils.download_and_extract_archive(url, str(folder), filename=f"{name}.gz", md5=md5)
+            return
+        except Exception as error:  # offline: URLError; a bad MD5: RuntimeError
+            reasons.append(f"{url}: {first_line(error) or type(error).__name__}")
+    raise OSError("; ".join(reasons))
+
+
+def download_mnist(data_dir: str, missing: list[str]) -> None:
+    """Download the missing raw files into a temporary folder inside data_dir, then move them
+    into MNIST/raw/ together. A failure leaves data_dir as it was (no empty folders, no partial
+    files) and is a UserError naming every missing file and why."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    made = [folder for folder in (Path(data_dir), raw.parent, raw) if not folder.exists()]
+    sources = mnist_sources()
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".mnist-download-", dir=data_dir) as staging:
+            for name in missing:
+                log(f"data: downloading {name} (MD5-checked)")
+                download_one(name, *sources[name], Path(staging))
+            raw.mkdir(parents=True, exist_ok=True)
+            for name in missing:
+                os.replace(Path(staging) / name, raw / name)
+    except OSError as error:
+        for folder in reversed(made):  # the innermost first; only folders this call made
+            shutil.rmtree(folder, ignore_errors=True)
+        why = f"downloading them failed ({first_line(error) or type(error).__name__})"
+        raise UserError(missing_files_message(raw, missing, why)) from None
+
+
+def load_mnist(data_dir, train=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's train or test split from data_dir/MNIST/raw/ (never downloads): uint8 images
+    (N, 28, 28), int64 labels (N,). Each way that fails is one UserError that says what to do."""
+    from torchvision.datasets import MNIST
+
+    raw = Path(data_dir) / "MNIST" / "raw"
+    split = "train" if train else "t10k"
+    missing = [name for name in missing_mnist_files(raw) if name.startswith(split)]
+    if missing:
+        raise UserError(missing_files_message(raw, missing, "not downloaded"))
+    try:
+        dataset = MNIST(root=str(data_dir), train=train, download=False)
     except PermissionError as error:
         raise UserError(
             f"cannot read {error.filename or raw}: permission denied (unreadable, not missing "
@@ -163,13 +318,10 @@ def load_mnist(data_dir, train=True, download=True) -> tuple[torch.Tensor, torch
         raise UserError(
             f"could not read the MNIST {split} files in {raw} ({type(error).__name__}: "
             f"{first_line(error)}); they are corrupt or truncated: delete them and fetch them "
-            f"again; {fetch}"
+            f"again; {PREFETCH_HINT}"
         ) from None
-    if absent and all(f"{name}.gz" in present for name in absent):
-        raise UserError(f"only .gz files found in {raw} for {', '.join(absent)}: decompress them")
-    if absent:
-        raise UserError(f"MNIST files missing in {raw}: {', '.join(absent)} ({failure}); {fetch}")
-    images, labels = dataset.data, dataset.targets
+    images = dataset.data
+    labels = dataset.targets
     shaped = images.dtype == torch.uint8 and images.shape[1:] == (28, 28)
     if not (shaped and len(images) == len(labels) > 0 and 0 <= labels.min() <= labels.max() <= 9):
         raise UserError(
@@ -179,16 +331,74 @@ def load_mnist(data_dir, train=True, download=True) -> tuple[torch.Tensor, torch
     return images, labels.long()
 
 
+def prefetch_mnist(data_dir: str) -> int:
+    """--prefetch: download what is missing (each file MD5-checked against torchvision's
+    published sums), check the MD5 of the .gz files torchvision's own download keeps beside
+    the files, check that both splits read, and report."""
+    from torchvision.datasets.utils import check_integrity
+
+    raw = Path(data_dir) / "MNIST" / "raw"
+    missing = missing_mnist_files(raw)
+    if missing:
+        download_mnist(data_dir, missing)
+    archives = 0
+    for name, (_, md5) in mnist_sources().items():
+        archive = raw / f"{name}.gz"
+        if archive.is_file() and not check_integrity(str(archive), md5):
+            raise UserError(f"{archive} is corrupt (its MD5 is not {md5}): delete it and {name}")
+        archives += archive.is_file()
+    train_images = load_mnist(data_dir, train=True)[0]
+    test_images = load_mnist(data_dir, train=False)[0]
+    log(
+        f"MNIST ready in {raw}: {len(train_images):,} training and {len(test_images):,} test "
+        f"images ({len(missing)} files downloaded and MD5-checked, {archives} .gz checked)"
+    )
+    return 0
+
+
+def synthetic_mnist(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """--dry-run's stand-in for MNIST: uint8 (count, 28, 28) noise in which each of the 10
+    classes lights its own 6x6 block (learnable in a few steps), int64 labels (count,); one
+    label in 20 is redrawn at random, so that a trained network still makes mistakes to show."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    images = torch.randint(0, 60, (count, 28, 28), generator=generator)
+    for index, label in enumerate(labels.tolist()):
+        top = 2 + 8 * (label // 4)
+        left = 2 + 6 * (label % 4)
+        images[index, top : top + 6, left : left + 6] += 180
+    mislabelled = torch.rand(count, generator=generator) < 0.05
+    labels[mislabelled] = torch.randint(0, 10, (int(mislabelled.sum()),), generator=generator)
+    return images.clamp(max=255).to(torch.uint8), labels
+
+
+def mnist_fingerprint(data_dir: str) -> dict:
+    """What identifies the run's data in config.json: the raw files' sizes and label hashes."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    return data_fingerprint([raw / name for name in mnist_sources()])
+
+
 def load_data(args: argparse.Namespace, device: torch.device) -> dict[str, tuple]:
     """train, val (a seeded random --val-size images held out of train, for the validation
-    curves) and test, as uint8 images and int64 labels on the device."""
-    images, labels = load_mnist(args.data_dir, train=True)
+    curves) and test, as uint8 images and int64 labels on the device; MNIST (downloaded if
+    missing) or, for --dry-run, synthetic images."""
+    if args.dry_run:
+        train_set = synthetic_mnist(DRY_RUN_IMAGES["train"], seed=1)
+        test_set = synthetic_mnist(DRY_RUN_IMAGES["test"], seed=2)
+    else:
+        missing = missing_mnist_files(Path(args.data_dir) / "MNIST" / "raw")
+        if missing:
+            download_mnist(args.data_dir, missing)
+        train_set = load_mnist(args.data_dir, train=True)
+        test_set = load_mnist(args.data_dir, train=False)
+    images, labels = train_set
     if not 0 <= args.val_size < len(images):
         raise UserError(f"--val-size {args.val_size} must be between 0 and {len(images) - 1}")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
-    val, train = order[: args.val_size], order[args.val_size :]
+    val = order[: args.val_size]
+    train = order[args.val_size :]
     data = {"train": (images[train], labels[train]), "val": (images[val], labels[val])}
-    data["test"] = load_mnist(args.data_dir, train=False)
+    data["test"] = test_set
     return {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
 
 
@@ -225,7 +435,10 @@ def _parameters(factory: dict, shape: tuple, scale: float, uniform=False) -> dic
 def im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     """x (N, C, H, W) -> columns (N, H_out, W_out, C * kh * kw): a (P, K) matrix whose row
     (n, y, x) is the padded input window output (y, x) sees, in the weight's (C, kh, kw) order."""
-    (kh, kw), (sh, sw), (ph, pw), (n, c, h, w) = kernel, stride, padding, x.shape
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    n, c, h, w = x.shape
     padded = x.new_zeros((n, c, h + 2 * ph, w + 2 * pw))
     padded[:, :, ph : ph + h, pw : pw + w] = x
     windows = padded.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, H_out, W_out, kh, kw), a view
@@ -235,7 +448,9 @@ def im2col(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
 def col2im(grad_windows: torch.Tensor, input_shape, stride, padding) -> torch.Tensor:
     """The adjoint of taking windows: grad_windows (N, C, H_out, W_out, kh, kw) -> (N, C, H, W),
     each window element's gradient added back where forward read it (overlaps add up)."""
-    (n, c, h, w), (sh, sw), (ph, pw) = input_shape, stride, padding
+    n, c, h, w = input_shape
+    sh, sw = stride
+    ph, pw = padding
     h_out, w_out, kh, kw = grad_windows.shape[2:]
     grad = grad_windows.new_zeros((n, c, h + 2 * ph, w + 2 * pw))
     for i, j in itertools.product(range(kh), range(kw)):
@@ -257,8 +472,11 @@ class Conv2D:
     needs_input_grad = True  # False for a first layer: its input is data
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, **factory):
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = map(_pair, (kernel_size, stride, padding))
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
         shape = (out_channels, in_channels, *self.kernel_size)
         # He initialisation: keeps the activation variance constant through ReLU layers.
         self.params = _parameters(factory, shape, math.sqrt(2.0 / math.prod(shape[1:])))
@@ -270,7 +488,8 @@ class Conv2D:
         return rows.permute(0, 3, 1, 2)  # (N, H_out, W_out, C_out) in memory
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
-        (input_shape, columns), weight = self.cache, self.params["weight"]
+        input_shape, columns = self.cache
+        weight = self.params["weight"]
         grad_rows = grad_out.permute(0, 2, 3, 1)  # (N, H_out, W_out, C_out): P rows
         grad_weight = grad_rows.flatten(0, 2).t() @ columns.flatten(0, 2)
         self.grads = {"weight": grad_weight.view(weight.shape), "bias": grad_rows.sum((0, 1, 2))}
@@ -296,7 +515,8 @@ class MaxPool2D:
 
     def windows(self, x: torch.Tensor) -> torch.Tensor:
         """x's pooling windows, a view (N, C, H_out, W_out, kh, kw)."""
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
         return x.unfold(2, kh, sh).unfold(3, kw, sw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,11 +605,16 @@ class BufferedConv2D(Conv2D):
     page faults than filling them. A reused buffer is zero when made; callers overwrite it, or
     only the interior of a zero border. Nothing a layer returns lives there."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.buffers: dict[str, torch.Tensor] = {}  # by name; made on first use, kept after
+
     def reused(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        buffers = vars(self).setdefault("buffers", {})  # made by the first call
-        buffer, wanted = buffers.get(name), (tuple(shape), like.dtype, like.device)
+        buffer = self.buffers.get(name)
+        wanted = (tuple(shape), like.dtype, like.device)
         if buffer is None or (tuple(buffer.shape), buffer.dtype, buffer.device) != wanted:
-            buffer = buffers[name] = like.new_zeros(shape)
+            buffer = like.new_zeros(shape)
+            self.buffers[name] = buffer
         return buffer
 
     def transposed_windows(self, name: str, padded: torch.Tensor, window, stride) -> torch.Tensor:
@@ -408,11 +633,13 @@ class ColumnsConv2D(BufferedConv2D):
     it is, straight into the channels-last output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (n, c, h, w), (ph, pw) = x.shape, self.padding
+        n, c, h, w = x.shape
+        ph, pw = self.padding
         padded = self.reused("padded", (n, c, h + 2 * ph, w + 2 * pw), x)
         padded[:, :, ph : ph + h, pw : pw + w] = x
         windows = self.transposed_windows("columns", padded, self.kernel_size, self.stride)
-        columns, (h_out, w_out) = windows.flatten(0, 2).flatten(1), windows.shape[4:]  # (K, P)
+        columns = windows.flatten(0, 2).flatten(1)  # (K, P)
+        h_out, w_out = windows.shape[4:]
         rows = torch.addmm(self.params["bias"], columns.t(), self.params["weight"].flatten(1).t())
         self.cache = (x.shape, columns.t().view(n, h_out, w_out, -1))  # the reference's columns
         return rows.view(n, h_out, w_out, self.out_channels).permute(0, 3, 1, 2)
@@ -426,7 +653,8 @@ class ColumnsConv2D(BufferedConv2D):
         holds every (tap, offset) pair, and entry (dy + i, dx + j) of tap (dy, dx) adds to W."""
         if self.stride != (1, 1):
             raise ValueError("weight_grad_through_pool needs a stride-1 convolution")
-        (kh, kw), (pool_h, pool_w) = self.kernel_size, pool.kernel_size
+        kh, kw = self.kernel_size
+        pool_h, pool_w = pool.kernel_size
         n, c_out, h_pool, w_pool = grad_pooled.shape
         # routed[t] (N, H_pool, W_pool, C_out): the gradient tap t takes, in the masks' layout.
         routed = self.reused("routed", (pool_h * pool_w, n, h_pool, w_pool, c_out), grad_pooled)
@@ -451,12 +679,15 @@ class KernelRowsConv2D(BufferedConv2D):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] != 1:
             raise ValueError("KernelRowsConv2D needs a vertical stride of 1")
-        (n, c, h, w), (ph, pw), (kh, kw) = x.shape, self.padding, self.kernel_size
+        n, c, h, w = x.shape
+        ph, pw = self.padding
+        kh, kw = self.kernel_size
         padded = self.reused("padded", (n, h + 2 * ph, w + 2 * pw, c), x)
         padded[:, ph : ph + h, pw : pw + w] = x.permute(0, 2, 3, 1)
         # (N, H_pad, W_out, kw, C_in): what each kernel row sees, per padded row and output column
         row_windows = padded.unfold(2, kw, self.stride[1]).transpose(3, 4)
-        w_out, count = row_windows.shape[2], math.prod(row_windows.shape[:3])
+        w_out = row_windows.shape[2]
+        count = math.prod(row_windows.shape[:3])
         # (kh - 1) * W_out zero rows at the end keep every shifted view inside the buffer.
         windows = self.reused("windows", (count + (kh - 1) * w_out, kw * c), x)
         windows[:count].view(row_windows.shape).copy_(row_windows)
@@ -472,8 +703,11 @@ class KernelRowsConv2D(BufferedConv2D):
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor | None:
         (n, c, h, w), windows, weights = self.cache
-        (kh, kw), (ph, pw), sw = self.kernel_size, self.padding, self.stride[1]
-        height, w_out = h + 2 * ph, grad_out.shape[3]
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        sw = self.stride[1]
+        height = h + 2 * ph
+        w_out = grad_out.shape[3]
         count = len(windows) - (kh - 1) * w_out
         # The output gradient on the grid of rows forward computed; the extra rows stay zero.
         grid = self.reused("grad_grid", (n, height, w_out, self.out_channels), grad_out)
@@ -512,7 +746,8 @@ class FastMaxPool2D(MaxPool2D):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, *others = self.taps(x)
-        out, takes = first.clone(), []
+        out = first.clone()
+        takes = []
         for tap in others:  # takes[t]: tap t + 1 beat every earlier tap
             takes.append(torch.gt(tap, out, out=torch.empty_like(out)))
             torch.maximum(out, tap, out=out)
@@ -535,7 +770,8 @@ class FastMaxPool2D(MaxPool2D):
 
     def backward(self, grad_out: torch.Tensor) -> torch.Tensor:
         x, out, takes = self.cache
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
         if (kh, kw) == (sh, sw) and (out.shape[2] * kh, out.shape[3] * kw) == x.shape[2:]:
             grad_in = torch.empty_like(x)  # windows that tile x: each element written once
             self.route(grad_out, self.taps(grad_in))
@@ -552,18 +788,26 @@ class CNN:
     """The seed architecture, forward(x (N, 1, 28, 28)) -> logits (N, 10).
 
     layers="reference" builds it from the reference layers and backpropagates by a plain loop
-    over them in reverse; layers="fast" from the fast layers, with the fused backward below.
-    Both draw the same initial weights from the same generator.
+    over them in reverse; layers="fast" from the fast layers, with the fused backward below,
+    the second convolution as ColumnsConv2D or KernelRowsConv2D (conv_kernels). Both kinds
+    draw the same initial weights from the same generator.
     """
 
-    def __init__(self, *, layers: str = "fast", **factory):
+    def __init__(self, *, layers: str = "fast", conv_kernels: str = "kernel-rows", **factory):
         if layers not in LAYER_KINDS:
             raise ValueError(f"layers must be one of {LAYER_KINDS}, got {layers!r}")
-        self.kind, fast = layers, layers == "fast"
-        first_conv, conv = (ColumnsConv2D, KernelRowsConv2D) if fast else (Conv2D, Conv2D)
-        pool = FastMaxPool2D if fast else MaxPool2D
-        block1 = [first_conv(1, 8, 3, padding=1, **factory), ReLU(inplace=fast), pool(2)]
-        block2 = [conv(8, 16, 3, padding=1, **factory), ReLU(inplace=fast), pool(2)]
+        if layers == "fast" and conv_kernels not in CONV_KERNELS:
+            raise ValueError(f"conv_kernels must be one of {CONV_KERNELS}, got {conv_kernels!r}")
+        self.kind = layers
+        if layers == "reference":
+            block1 = [Conv2D(1, 8, 3, padding=1, **factory), ReLU(), MaxPool2D(2)]
+            block2 = [Conv2D(8, 16, 3, padding=1, **factory), ReLU(), MaxPool2D(2)]
+        else:
+            second_conv = KernelRowsConv2D if conv_kernels == "kernel-rows" else ColumnsConv2D
+            first_conv = ColumnsConv2D(1, 8, 3, padding=1, **factory)
+            block1 = [first_conv, ReLU(inplace=True), FastMaxPool2D(2)]
+            block2 = [second_conv(8, 16, 3, padding=1, **factory), ReLU(inplace=True)]
+            block2.append(FastMaxPool2D(2))
         self.layers = [*block1, *block2, Flatten(), Linear(16 * 7 * 7, 10, **factory)]
         self.layers[0].needs_input_grad = False  # its input is the data
 
@@ -578,28 +822,47 @@ class CNN:
             for layer in reversed(self.layers):
                 grad = layer.backward(grad)
             return
-        first_conv, _, first_pool, conv, _, pool, flatten, linear = self.layers
+        conv1, _, pool1, conv2, _, pool2, flatten, linear = self.layers
         grad = flatten.backward(linear.backward(grad))
-        # Each ReLU's backward runs on its pool's output (FastMaxPool2D.relu_mask), and the
-        # first convolution's weight gradient comes straight from its pool's gradient.
-        grad = conv.backward(pool.backward(pool.relu_mask(grad)))
-        first_conv.weight_grad_through_pool(first_pool, first_pool.relu_mask(grad))
+        # Block 2 replaces relu2.backward(pool2.backward(grad)): the ReLU's mask is applied to
+        # the pooled gradient (a quarter of the size, the same numbers), then the pool routes it.
+        grad = conv2.backward(pool2.backward(pool2.relu_mask(grad)))
+        # Block 1 replaces conv1.backward(relu1.backward(pool1.backward(grad))), whose input
+        # gradient nothing needs: the ReLU's mask on the pooled gradient again, then the first
+        # convolution's weight gradient straight through the pool, in one product.
+        conv1.weight_grad_through_pool(pool1, pool1.relu_mask(grad))
 
     def trainable_layers(self) -> list[tuple[int, Conv2D | Linear]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if hasattr(layer, "params")]
 
-    def parameters(self, kind: str = "params") -> dict[str, torch.Tensor]:
-        """Every layer's params, or (kind "grads") their gradients, as "layers.<i>.<name>"."""
-        tensors = [(f"layers.{i}.", getattr(layer, kind)) for i, layer in self.trainable_layers()]
-        return {prefix + name: t for prefix, named in tensors for name, t in named.items()}
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Every layer's parameters, as "layers.<index>.<name>" (torch's state_dict keys)."""
+        named = {}
+        for index, layer in self.trainable_layers():
+            for name, tensor in layer.params.items():
+                named[f"layers.{index}.{name}"] = tensor
+        return named
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """The gradients of parameters() from the last backward, under the same keys."""
+        named = {}
+        for index, layer in self.trainable_layers():
+            for name, tensor in layer.grads.items():
+                named[f"layers.{index}.{name}"] = tensor
+        return named
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {key: tensor.clone() for key, tensor in self.parameters().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.parameters()):
-            raise ValueError(f"state dict keys {sorted(state)} do not match this network's")
-        for key, tensor in self.parameters().items():
+        """Copy state's tensors in; a ValueError if its keys or shapes are not this network's."""
+        params = self.parameters()
+        if set(state) != set(params):
+            raise ValueError(f"its tensors {sorted(state)} are not this network's")
+        for key, tensor in params.items():
+            if tuple(state[key].shape) != tuple(tensor.shape):
+                raise ValueError(f"{key} is {tuple(state[key].shape)}, not {tuple(tensor.shape)}")
+        for key, tensor in params.items():
             tensor.copy_(state[key])
 
 
@@ -609,18 +872,22 @@ class SGD:
     p -= lr * (g + momentum * buf) with nesterov, else p -= lr * buf."""
 
     def __init__(self, model: CNN, lr: float, momentum=0.9, weight_decay=0.0, nesterov=True):
-        self.model, self.lr, self.momentum = model, lr, momentum
-        self.weight_decay, self.nesterov = weight_decay, nesterov
+        self.model = model
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.nesterov = nesterov
         self.buffers: dict[str, torch.Tensor] = {}
 
     def step(self) -> None:
-        grads = self.model.parameters("grads")
+        grads = self.model.gradients()
         for key, param in self.model.parameters().items():
             grad = grads[key]
             if self.weight_decay:
                 grad = grad.add(param, alpha=self.weight_decay)
             if self.momentum:
-                buffer = self.buffers[key] = self.buffers.get(key, 0) * self.momentum + grad
+                buffer = self.buffers.get(key, 0) * self.momentum + grad
+                self.buffers[key] = buffer
                 grad = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
             param.add_(grad, alpha=-self.lr)
 
@@ -628,13 +895,161 @@ class SGD:
         return {"lr": self.lr, "buffers": {k: v.clone() for k, v in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        params, self.lr = self.model.parameters(), state["lr"]  # buffers onto the params' device
+        params = self.model.parameters()  # the buffers go onto the parameters' device
+        self.lr = state["lr"]
         self.buffers = {k: v.to(params[k].device, copy=True) for k, v in state["buffers"].items()}
+
+
+def time_conv_kernels(batch_size: int, device: torch.device, repeats: int = 3) -> dict:
+    """Median milliseconds of a forward and backward of the fast network with each of
+    CONV_KERNELS, on one random batch of batch_size images, after a warmup step, interleaved
+    (cuDNN's benchmark mode, by hand: which is faster depends on the CPU and its BLAS)."""
+    generator = torch.Generator().manual_seed(0)  # the run's own random state stays untouched
+    x = torch.randn(batch_size, 1, 28, 28, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    models = {
+        kind: CNN(conv_kernels=kind, device=device, generator=generator) for kind in CONV_KERNELS
+    }
+    loss_fn = SoftmaxCrossEntropy()
+    times = {kind: [] for kind in CONV_KERNELS}
+    for repeat in range(repeats + 1):
+        for kind, model in models.items():
+            started = time.perf_counter()
+            loss_fn.forward(model.forward(x), y)
+            model.backward(loss_fn.backward())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if repeat:  # repeat 0 allocates the buffers and warms the caches
+                times[kind].append(1000 * (time.perf_counter() - started))
+    return {kind: statistics.median(milliseconds) for kind, milliseconds in times.items()}
+
+
+def layers_output(layers: list, values: dict, by_torch: bool) -> torch.Tensor:
+    """The output of the (index, layer) pairs `layers` at `values` ("input" and parameters
+    "layers.<index>.<name>"): by the layers' own forward, or by torch.nn.functional's."""
+    import torch.nn.functional as F
+
+    x = values["input"]
+    for index, layer in layers:
+        params = {name: values[f"layers.{index}.{name}"] for name in getattr(layer, "params", {})}
+        if not by_torch:
+            at_values = copy.copy(layer)  # the same layer at these parameters
+            at_values.params = params
+            x = at_values.forward(x.clone())  # a clone: an in-place ReLU must keep the values
+        elif isinstance(layer, Conv2D):
+            x = F.conv2d(x, params["weight"], params["bias"], layer.stride, layer.padding)
+        elif isinstance(layer, MaxPool2D):
+            x = F.max_pool2d(x, layer.kernel_size, layer.stride)
+        elif isinstance(layer, Linear):
+            x = F.linear(x, params["weight"], params["bias"])
+        elif isinstance(layer, ReLU):
+            x = F.relu(x)
+        else:
+            x = x.flatten(1)
+    return x
+
+
+def weighted_sum(layers: list, weights: torch.Tensor, values: dict, by_torch=False):
+    """sum(output * weights): its gradient is the backward of `weights`."""
+    return (layers_output(layers, values, by_torch) * weights).sum()
+
+
+def mean_cross_entropy(layers: list, labels: torch.Tensor, values: dict, by_torch=False):
+    """The mean softmax cross-entropy of the output's logits for `labels`."""
+    import torch.nn.functional as F
+
+    logits = layers_output(layers, values, by_torch)
+    if by_torch:
+        return F.cross_entropy(logits, labels)
+    return SoftmaxCrossEntropy().forward(logits, labels)
+
+
+def gradient_errors(objective, layers: list, target, values: dict, hand: dict, generator):
+    """The largest relative errors of `hand`, the hand-written gradients of objective(layers,
+    target, values): against central finite differences along a random direction per tensor,
+    and against autograd's gradients of the objective by torch's functions."""
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in values.items()}
+    with torch.enable_grad():
+        by_torch = objective(layers, target, leaves, by_torch=True)
+        grads = torch.autograd.grad(by_torch, [leaves[name] for name in hand])
+    finite = 0.0
+    autograd = 0.0
+    for (name, grad), by_autograd in zip(hand.items(), grads):
+        direction = torch.randn(grad.shape, generator=generator, dtype=torch.float64)
+        plus = objective(layers, target, {**values, name: values[name] + 1e-6 * direction})
+        minus = objective(layers, target, {**values, name: values[name] - 1e-6 * direction})
+        numeric = float(plus - minus) / 2e-6
+        analytic = float((grad * direction).sum())
+        finite = max(finite, abs(analytic - numeric) / max(abs(numeric), 1e-30))
+        error = (grad - by_autograd).abs().max() / by_autograd.abs().max().clamp(min=1e-30)
+        autograd = max(autograd, float(error))
+    return finite, autograd
+
+
+def layer_gradient_rows(model: CNN, generator: torch.Generator) -> list[tuple]:
+    """gradient_errors' arguments for each layer of the model, on random inputs of the shape it
+    sees in the network and a random output gradient."""
+    x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
+    rows = []
+    for index, layer in enumerate(model.layers):
+        out = layer.forward(x.clone())
+        weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+        grad_in = layer.backward(weights)
+        prefix = f"layers.{index}."
+        values = {"input": x}
+        hand = {}
+        for name, tensor in getattr(layer, "params", {}).items():
+            values[prefix + name] = tensor
+            hand[prefix + name] = layer.grads[name]
+        if grad_in is not None:
+            hand["input"] = grad_in
+        name = f"{index} {type(layer).__name__}"
+        rows.append((name, weighted_sum, [(index, layer)], weights, values, hand))
+        x = torch.empty_like(out).normal_(generator=generator)  # distinct values: no ties
+    return rows
+
+
+def check_gradients(seed: int = 0) -> int:
+    """--check-gradients, for each layer kind in float64: every layer on random inputs of the
+    shape it sees in the network, then the whole network's loss on two random images. Logs the
+    largest relative errors; 0 if each is within GRADIENT_TOLERANCES, else FAILURE_EXIT_CODE."""
+    log("largest relative difference of the hand-written gradients (float64):")
+    log(f"{'layers':<11}{'layer':<22}{'vs finite differences':>22}{'vs autograd':>13}")
+    worst = dict.fromkeys(GRADIENT_TOLERANCES, 0.0)
+    for kind in LAYER_KINDS:
+        generator = torch.Generator().manual_seed(seed)
+        model = CNN(layers=kind, dtype=torch.float64, generator=generator)
+        for _, layer in model.trainable_layers():
+            layer.params["bias"].normal_(std=0.1, generator=generator)
+        rows = layer_gradient_rows(model, generator)
+        x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 10, (2,), generator=generator)
+        loss_fn = SoftmaxCrossEntropy()
+        loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        values = {"input": x, **model.parameters()}
+        every_layer = list(enumerate(model.layers))
+        rows.append(
+            ("whole network", mean_cross_entropy, every_layer, y, values, model.gradients())
+        )
+        for name, *check in rows:
+            errors = gradient_errors(*check, generator)
+            log(f"{kind:<11}{name:<22}{errors[0]:>22.1e}{errors[1]:>13.1e}")
+            worst = {key: max(worst[key], error) for key, error in zip(worst, errors)}
+    within = all(worst[key] <= limit for key, limit in GRADIENT_TOLERANCES.items())
+    limits = ", ".join(f"{key} {limit:.0e}" for key, limit in GRADIENT_TOLERANCES.items())
+    log(f"{'all within' if within else 'FAILED: not all within'} the tolerances ({limits})")
+    return 0 if within else FAILURE_EXIT_CODE
 
 
 # --------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
+
+
+def default_warmup_epochs(epochs: int) -> float:
+    """One epoch of warmup, but never more than a fifth of the run (5 epochs: 1)."""
+    return min(1.0, epochs / 5)
 
 
 def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
@@ -660,182 +1075,155 @@ def evaluate(model: CNN, images_uint8: torch.Tensor, labels: torch.Tensor, batch
 
 
 @torch.no_grad()
-def train(args, model: CNN, optimizer: SGD, data: dict, state: dict, stop, run_dir: Path) -> str:
-    """Train (or continue) from `state` to args.epochs: "done", "stopped" or "diverged". The
-    loss and correct counts accumulate on the device and are read once per epoch, so no step
-    waits for the device; a NaN/inf loss is caught on that read, before a mid-epoch checkpoint
-    (a checkpoint never holds a diverged model). After each epoch: history.csv, then the
-    checkpoint, so history.csv is never short of it."""
+def train_epoch(args, model: CNN, optimizer: SGD, train_set: tuple, state: dict, stop) -> None:
+    """The steps of epoch state["epoch"] from state["step_in_epoch"] on, until its end or a stop
+    signal. The loss and correct counts accumulate on the device and are read once, at the end,
+    into state["sums"], so that no step waits for the device."""
     from tqdm import tqdm
 
-    (train_x, train_y), loss_fn = data["train"], SoftmaxCrossEntropy()
+    train_x, train_y = train_set
+    loss_fn = SoftmaxCrossEntropy()
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    epoch = state["epoch"]
+    if state["step_in_epoch"] == 0:
+        state["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    sums = state["sums"]
+    loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=train_x.device)
+    correct = torch.tensor(sums["correct"], device=train_x.device)
+    # Each epoch's order comes from its own seeded generator: a resumed epoch draws the same
+    # permutation and skips the steps it had already taken.
+    shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
+    batches = torch.randperm(len(train_x), generator=shuffle).to(train_x.device)
+    batches = batches.split(args.batch_size)
+    done = state["step_in_epoch"]
+    shown = {"desc": f"epoch {epoch + 1}/{args.epochs}", "disable": not sys.stderr.isatty()}
+    for index in tqdm(batches[done:], total=len(batches), initial=done, leave=False, **shown):
+        step = epoch * steps_per_epoch + state["step_in_epoch"]
+        optimizer.lr = learning_rate(step, steps_per_epoch * args.epochs, args.lr, warmup_steps)
+        logits = model.forward(preprocess(train_x[index]))
+        y = train_y[index]
+        loss = loss_fn.forward(logits, y)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+        sums["seen"] += len(y)
+        state["step_in_epoch"] += 1
+        state["lr_by_step"].append(optimizer.lr)
+        if stop.received:
+            break
+    sums["loss"] = float(loss_sum)  # waits for the device
+    sums["correct"] = int(correct)
+
+
+def end_epoch(args, model: CNN, optimizer: SGD, data: dict, state: dict, run_dir: Path) -> None:
+    """Validate, then write history.csv and the checkpoint (in that order, so that history.csv
+    is never short of the checkpoint) and log the epoch's line."""
+    sums = state["sums"]
+    seen = sums["seen"]
+    seconds = sums["seconds"]
+    val = evaluate(model, *data["val"])
+    row = {
+        "epoch": state["epoch"] + 1,
+        "train_loss": sums["loss"] / seen,
+        "train_accuracy": sums["correct"] / seen,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "lr": optimizer.lr,
+        "seconds": seconds,
+        "images_per_s": seen / seconds,
+    }
+    state["history"].append(row)
+    state["train_time_s"] += seconds
+    state["epoch"] += 1
+    state["step_in_epoch"] = 0
+    write_csv(run_dir / "history.csv", state["history"])
+    save_checkpoint(run_dir, model, optimizer, state)
+    log(
+        f"epoch {row['epoch']}/{args.epochs}  train loss {row['train_loss']:.4f} "
+        f"acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} "
+        f"acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.4g}  "
+        f"{seconds:.1f}s  {row['images_per_s']:,.0f} img/s"
+    )
+
+
+@torch.no_grad()
+def train(args, model: CNN, optimizer: SGD, data: dict, state: dict, stop, run_dir: Path) -> str:
+    """Train (or continue) from `state` to args.epochs: "done", "stopped" or "diverged". A
+    NaN/inf loss is caught at the epoch's (or stop's) read of the sums, before a checkpoint, so
+    a checkpoint never holds a diverged model."""
+    steps_per_epoch = math.ceil(len(data["train"][0]) / args.batch_size)
     while state["epoch"] < args.epochs:
-        epoch, done, started = state["epoch"], state["step_in_epoch"], time.perf_counter()
-        if done == 0:
-            state["sums"] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-        sums = state["sums"]
-        loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=train_x.device)
-        correct = torch.tensor(sums["correct"], device=train_x.device)
-        # Each epoch's order comes from its own seeded generator: a resumed epoch draws the same
-        # permutation and skips the steps it had already taken.
-        shuffle = torch.Generator().manual_seed(args.seed * 1000 + epoch + 1)
-        batches = torch.randperm(len(train_x), generator=shuffle).to(train_x.device)
-        batches = batches.split(args.batch_size)
-        shown = {"desc": f"epoch {epoch + 1}/{args.epochs}", "disable": not sys.stderr.isatty()}
-        for index in tqdm(batches[done:], total=len(batches), initial=done, leave=False, **shown):
-            step = epoch * steps_per_epoch + state["step_in_epoch"]
-            optimizer.lr = learning_rate(step, steps_per_epoch * args.epochs, args.lr, warmup_steps)
-            logits, y = model.forward(preprocess(train_x[index])), train_y[index]
-            loss = loss_fn.forward(logits, y)
-            model.backward(loss_fn.backward())
-            optimizer.step()
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(dim=1) == y).sum()
-            sums["seen"] += len(y)
-            state["step_in_epoch"] += 1
-            state["lr_by_step"].append(optimizer.lr)
-            if stop.received:
-                break
-        sums["loss"], sums["correct"] = float(loss_sum), int(correct)  # waits for the device
-        sums["seconds"] += time.perf_counter() - started
-        if not math.isfinite(sums["loss"]):
+        started = time.perf_counter()
+        train_epoch(args, model, optimizer, data["train"], state, stop)
+        state["sums"]["seconds"] += time.perf_counter() - started
+        if not math.isfinite(state["sums"]["loss"]):
             return "diverged"
         if state["step_in_epoch"] < steps_per_epoch:  # stopped by a signal mid-epoch
             save_checkpoint(run_dir, model, optimizer, state)
             return "stopped"
-        val, seen, seconds = evaluate(model, *data["val"]), sums["seen"], sums["seconds"]
-        row = {"epoch": epoch + 1, "train_loss": sums["loss"] / seen}
-        row.update(train_accuracy=sums["correct"] / seen, val_loss=val["loss"])
-        row.update(val_accuracy=val["accuracy"], lr=optimizer.lr, seconds=seconds)
-        row["images_per_s"] = seen / seconds
-        state["history"].append(row)
-        state["train_time_s"] += seconds
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        write_csv(run_dir / "history.csv", state["history"])
-        save_checkpoint(run_dir, model, optimizer, state)
-        log(
-            f"epoch {epoch + 1}/{args.epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {100 * row['train_accuracy']:.2f}%  val loss {row['val_loss']:.4f} "
-            f"acc {100 * row['val_accuracy']:.2f}%  lr {row['lr']:.4g}  "
-            f"{seconds:.1f}s  {row['images_per_s']:,.0f} img/s"
-        )
+        end_epoch(args, model, optimizer, data, state, run_dir)
         if stop.received and state["epoch"] < args.epochs:
             return "stopped"
     return "done"
 
 
-def objective(layers: list, target: torch.Tensor, values: dict, by_torch=False) -> torch.Tensor:
-    """sum(output * target) of the (index, layer) pairs `layers` for a float target, their mean
-    cross-entropy for labels, at `values` ("input" and parameters "layers.<index>.<name>"): by
-    the layers' own forward, or with by_torch by torch.nn.functional's, for autograd."""
-    import torch.nn.functional as F
-
-    x = values["input"]
-    for index, layer in layers:
-        params = {name: values[f"layers.{index}.{name}"] for name in getattr(layer, "params", {})}
-        if not by_torch:
-            at_values = copy.copy(layer)  # the same layer at these parameters
-            at_values.params = params
-            x = at_values.forward(x.clone())  # a clone: an in-place ReLU must keep the values
-        elif isinstance(layer, Conv2D):
-            x = F.conv2d(x, params["weight"], params["bias"], layer.stride, layer.padding)
-        elif isinstance(layer, MaxPool2D):
-            x = F.max_pool2d(x, layer.kernel_size, layer.stride)
-        elif isinstance(layer, Linear):
-            x = F.linear(x, params["weight"], params["bias"])
-        else:
-            x = F.relu(x) if isinstance(layer, ReLU) else x.flatten(1)
-    if target.dtype == torch.int64:
-        return F.cross_entropy(x, target) if by_torch else SoftmaxCrossEntropy().forward(x, target)
-    return (x * target).sum()
-
-
-def gradient_errors(layers: list, target, values: dict, hand: dict, generator) -> tuple:
-    """The largest relative errors of `hand`, the hand-written gradients of objective(layers,
-    target, values): against central finite differences along a random direction per tensor,
-    and against autograd's gradients of the objective by torch's functions."""
-    leaves = {name: tensor.clone().requires_grad_() for name, tensor in values.items()}
-    with torch.enable_grad():
-        by_torch = objective(layers, target, leaves, by_torch=True)
-        grads = torch.autograd.grad(by_torch, [leaves[name] for name in hand])
-    finite = autograd = 0.0
-    for (name, grad), by_autograd in zip(hand.items(), grads):
-        direction = torch.randn(grad.shape, generator=generator, dtype=torch.float64)
-        nudged = ({**values, name: values[name] + step * direction} for step in (1e-6, -1e-6))
-        plus, minus = (objective(layers, target, nudged_values) for nudged_values in nudged)
-        numeric, analytic = float(plus - minus) / 2e-6, float((grad * direction).sum())
-        finite = max(finite, abs(analytic - numeric) / max(abs(numeric), 1e-30))
-        error = (grad - by_autograd).abs().max() / by_autograd.abs().max().clamp(min=1e-30)
-        autograd = max(autograd, float(error))
-    return finite, autograd
-
-
-def check_gradients(seed: int = 0) -> int:
-    """--check-gradients, for each layer kind in float64: every layer on random inputs of the
-    shape it sees in the network, then the whole network's loss on two random images. Logs the
-    largest relative errors; 0 if each is within GRADIENT_TOLERANCES, else FAILURE_EXIT_CODE."""
-    log("largest relative difference of the hand-written gradients (float64):")
-    log(f"{'layers':<11}{'layer':<22}{'vs finite differences':>22}{'vs autograd':>13}")
-    worst = dict.fromkeys(GRADIENT_TOLERANCES, 0.0)
-    for kind in ("reference", "fast"):
-        generator = torch.Generator().manual_seed(seed)
-        model = CNN(layers=kind, dtype=torch.float64, generator=generator)
-        for _, layer in model.trainable_layers():
-            layer.params["bias"].normal_(std=0.1, generator=generator)
-        x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
-        y, h, rows = torch.randint(0, 10, (2,), generator=generator), x, []
-        for index, layer in enumerate(model.layers):
-            out = layer.forward(h.clone())
-            weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-            grad_in, prefix = layer.backward(weights), f"layers.{index}."
-            params = getattr(layer, "params", {})
-            values = {"input": h, **{prefix + name: p for name, p in params.items()}}
-            hand = {prefix + name: g for name, g in getattr(layer, "grads", {}).items()}
-            hand.update({"input": grad_in} if grad_in is not None else {})
-            name = f"{index} {type(layer).__name__}"
-            rows.append((name, [(index, layer)], weights, values, hand))
-            h = torch.empty_like(out).normal_(generator=generator)  # distinct values: no ties
-        loss_fn = SoftmaxCrossEntropy()
-        loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward())
-        values, hand = {"input": x, **model.parameters()}, model.parameters("grads")
-        rows.append(("whole network", list(enumerate(model.layers)), y, values, hand))
-        for name, *check in rows:
-            errors = gradient_errors(*check, generator)
-            log(f"{kind:<11}{name:<22}{errors[0]:>22.1e}{errors[1]:>13.1e}")
-            worst = {key: max(worst[key], error) for key, error in zip(worst, errors)}
-    within = all(worst[key] <= limit for key, limit in GRADIENT_TOLERANCES.items())
-    limits = ", ".join(f"{key} {limit:.0e}" for key, limit in GRADIENT_TOLERANCES.items())
-    log(f"{'all within' if within else 'FAILED: not all within'} the tolerances ({limits})")
-    return 0 if within else FAILURE_EXIT_CODE
-
-
 # --------------------------------------------------------------------------------------------
-# Outputs of this script: checkpoint, metrics, misclassified images
+# Outputs of this script: checkpoint, metrics, plots
 # --------------------------------------------------------------------------------------------
 
 
-def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
-    """Loss and accuracy per epoch (train and validation) and the learning rate of each step."""
-    import matplotlib.pyplot as plt
+def save_checkpoint(run_dir: Path, model: CNN, optimizer: SGD, state: dict) -> None:
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
+    atomic_write(run_dir / CHECKPOINT_NAME, {**payload, "rng": capture_rng_state()})
 
-    epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
-    for split, style in (("train", "o-"), ("val", "s--")):
-        axes[0].plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split)
-        accuracy = [100 * row[f"{split}_accuracy"] for row in history]
-        axes[1].plot(epochs, accuracy, style, label=split)
-    steps_per_epoch = len(lr_by_step) / max(1, len(history))
-    axes[2].plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step)
-    names = ("cross-entropy loss", "accuracy (%)", "learning rate (per step)")
-    for axis, name in zip(axes, names):
-        axis.set(ylabel=name, title=name.split(" (")[0].capitalize())
-        epoch_axis(axis, max(epochs, default=1))
-    axes[0].legend(), axes[1].legend()
-    figure.suptitle(title)
-    save_figure(figure, path)
+
+def load_checkpoint(path: Path, model: CNN, optimizer: SGD) -> dict:
+    """Load the checkpoint into model and optimizer and restore the RNG state; returns the
+    training state. An unreadable file, or one that is not this network's (another script's,
+    another shape), is a UserError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # unreadable, truncated, not a torch file
+        raise UserError(
+            f"cannot read the checkpoint {path} ({type(error).__name__}: {first_line(error)}); "
+            "start a new run without --resume"
+        ) from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"])
+        state = checkpoint["state"]
+    except Exception as error:  # other keys or shapes: another script's checkpoint
+        raise UserError(
+            f"the checkpoint {path} does not fit this network ({type(error).__name__}: "
+            f"{first_line(error)}); it is not this script's: start a new run without --resume"
+        ) from None
+    return state
+
+
+def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor) -> dict:
+    """The confusion matrix (rows: true class, columns: predicted) and per-class precision,
+    recall and F1 of the 10 digits, by scikit-learn."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    digits = list(range(10))
+    true = labels.cpu().numpy()
+    guessed = predicted.cpu().numpy()
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, guessed, labels=digits, zero_division=0
+    )
+    per_class = {}
+    for digit in digits:
+        per_class[str(digit)] = {
+            "precision": float(precision[digit]),
+            "recall": float(recall[digit]),
+            "f1": float(f1[digit]),
+            "support": int(support[digit]),
+        }
+    confusion = confusion_matrix(true, guessed, labels=digits).tolist()
+    return {"macro_f1": float(f1.mean()), "per_class": per_class, "confusion_matrix": confusion}
 
 
 def epoch_axis(axis, last_epoch: int) -> None:
@@ -847,89 +1235,96 @@ def epoch_axis(axis, last_epoch: int) -> None:
     axis.grid(alpha=0.3)
 
 
-def plot_confusion_matrix(confusion: list, class_names: list, path: Path, title: str) -> None:
-    """The errors (off the diagonal) on a colour scale of their own, so a handful of mistakes
-    shows beside thousands of right answers; counts in the cells for up to 20 classes."""
+def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, train (the running mean over the epoch's steps, as the
+    weights changed) beside val (the weights at the epoch's end), and each step's learning rate."""
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    labels = {"train": "train (running mean over the epoch)", "val": "val (at the epoch's end)"}
+    for split, style in (("train", "o-"), ("val", "s--")):
+        losses = [row[f"{split}_loss"] for row in history]
+        accuracy = [100 * row[f"{split}_accuracy"] for row in history]
+        axes[0].plot(epochs, losses, style, label=labels[split])
+        axes[1].plot(epochs, accuracy, style, label=labels[split])
+    steps_per_epoch = len(lr_by_step) / max(1, len(history))
+    axes[2].plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step)
+    names = ("cross-entropy loss", "accuracy (%)", "learning rate (per step)")
+    for axis, name in zip(axes, names):
+        axis.set(ylabel=name, title=name.split(" (")[0].capitalize())
+        epoch_axis(axis, max(epochs, default=1))
+    axes[0].legend()
+    axes[1].legend()
+    figure.suptitle(title)
+    save_figure(figure, path)
+
+
+def plot_confusion_matrix(confusion: list, path: Path, title: str) -> None:
+    """The 10 digits' test confusion matrix with the count in every cell: right answers on a
+    grey diagonal, the errors on a colour scale of their own, so that a handful of mistakes
+    shows beside a thousand right answers."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    matrix, size = np.array(confusion, dtype=float), len(class_names)
-    diagonal = np.eye(size, dtype=bool)
+    matrix = np.array(confusion)
+    diagonal = np.eye(10, dtype=bool)
     errors = np.where(diagonal | (matrix == 0), np.nan, matrix)  # nan: a white cell
     most = max(1.0, np.nanmax(errors, initial=0))
-    figure, axis = plt.subplots(figsize=(max(6.5, size * 0.2 + 3), max(5.5, size * 0.2 + 2)))
+    figure, axis = plt.subplots(figsize=(7, 6), layout="constrained")
     image = axis.imshow(errors, cmap="Reds", vmin=0, vmax=most)
     axis.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)
     counts = MaxNLocator(integer=True)  # no ticks at half an image
     figure.colorbar(image, ax=axis, label="misclassified test images (count)", ticks=counts)
-    fontsize, text = 9 if size <= 20 else 6, {"ha": "center", "va": "center", "fontsize": 7}
-    axis.set_xticks(range(size), class_names, fontsize=fontsize)
-    axis.set_yticks(range(size), class_names, fontsize=fontsize)
-    axis.set(xlabel="predicted class", ylabel="true class")
-    correct, total = int(np.trace(matrix)), int(matrix.sum())
-    axis.set_title(f"{title}\n{correct:,} of {total:,} correct (grey diagonal)")
-    for (row, column), value in np.ndenumerate(matrix if size <= 20 else np.zeros((0, 0))):
+    axis.set_xticks(range(10))
+    axis.set_yticks(range(10))
+    axis.set(xlabel="predicted digit", ylabel="true digit")
+    correct = int(np.trace(matrix))
+    axis.set_title(f"{title}\n{correct:,} of {int(matrix.sum()):,} correct (grey diagonal)")
+    for (row, column), value in np.ndenumerate(matrix):
         if value or row == column:
             color = "white" if row != column and value > most / 2 else "black"
             weight = "bold" if row == column else "normal"
-            axis.text(column, row, f"{value:.0f}", color=color, weight=weight, **text)
+            axis.text(
+                column,
+                row,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=color,
+                weight=weight,
+            )
     save_figure(figure, path)
 
 
-def save_checkpoint(run_dir: Path, model: CNN, optimizer: SGD, state: dict) -> None:
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
-    atomic_write(run_dir / CHECKPOINT_NAME, {**payload, "rng": capture_rng_state()})
-
-
-def read_checkpoint(path: Path) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"model", "optimizer", "state", "rng"} - set(checkpoint)
-    except Exception as error:  # unreadable, truncated, not a torch file
-        raise UserError(
-            f"cannot read the checkpoint {path} ({type(error).__name__}: {first_line(error)}); "
-            "start a new run without --resume"
-        ) from None
-    if missing:
-        raise UserError(f"{path} is not a checkpoint of this script (no {', '.join(missing)})")
-    return checkpoint
-
-
-def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, classes=10) -> dict:
-    """Confusion matrix (rows true, columns predicted) with per-class precision/recall/F1."""
-    pairs = labels.cpu() * classes + predicted.cpu()
-    confusion = torch.bincount(pairs, minlength=classes**2).view(classes, classes)
-    true_positive = confusion.diagonal().double()
-    precision = true_positive / confusion.sum(0).clamp(min=1)
-    recall = true_positive / confusion.sum(1).clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    columns = {"precision": precision, "recall": recall, "f1": f1, "support": confusion.sum(1)}
-    per_class = {str(k): {name: v[k].item() for name, v in columns.items()} for k in range(classes)}
-    matrix = confusion.tolist()
-    return {"macro_f1": float(f1.mean()), "per_class": per_class, "confusion_matrix": matrix}
-
-
 def plot_misclassified(images, labels, predicted, probabilities, path: Path, limit=36) -> None:
-    """The most confident mistakes first, each with its true class, the predicted one and the
+    """The most confident mistakes first, each with its true digit, the predicted one and the
     probability the network gave it."""
     import matplotlib.pyplot as plt
 
-    labels, predicted, probabilities = labels.cpu(), predicted.cpu(), probabilities.cpu()
+    labels = labels.cpu()
+    predicted = predicted.cpu()
+    probabilities = probabilities.cpu()
     wrong = (predicted != labels).nonzero().flatten()
     shown = wrong[probabilities[wrong].argsort(descending=True, stable=True)][:limit].tolist()
-    rows, columns = max(1, math.ceil(len(shown) / 6)), 6
+    columns = 6
+    rows = max(1, math.ceil(len(shown) / columns))
     size = (columns * 1.7, rows * 1.9 + 0.5)
     figure, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, shown):
         axis.imshow(images[index].cpu().numpy(), cmap="gray")
-        true, guess, p = int(labels[index]), int(predicted[index]), float(probabilities[index])
-        axis.set_title(f"true {true}, predicted {guess}\np = {p:.2f}", fontsize=8)
+        probability = float(probabilities[index])
+        axis.set_title(
+            f"true {int(labels[index])}, predicted {int(predicted[index])}\np = {probability:.2f}",
+            fontsize=8,
+        )
     figure.suptitle(
         f"{len(shown)} of {len(wrong)} misclassified test images, most confident first "
-        "(p: the predicted class's probability)"
+        "(p: the predicted digit's probability)"
     )
     save_figure(figure, path)
 
@@ -937,20 +1332,26 @@ def plot_misclassified(images, labels, predicted, probabilities, path: Path, lim
 def write_results(args, model: CNN, data: dict, state: dict, run_dir: Path) -> dict:
     """Test-set evaluation, history, plots, then metrics.json: written last, it marks the run
     finished, so a run killed before it is resumed and writes them all again."""
-    (test_x, test_y), history, seconds = data["test"], state["history"], state["train_time_s"]
+    test_x, test_y = data["test"]
+    history = state["history"]
+    seconds = state["train_time_s"]
     test = evaluate(model, test_x, test_y)
     metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     metrics.update(classification_metrics(test_y, test["predictions"]))
     images = sum(row["seconds"] * row["images_per_s"] for row in history)
-    metrics.update(train_time_s=seconds, images_per_s=images / max(seconds, 1e-9))
-    metrics.update(epochs=args.epochs, layers=args.layers, test_images=len(test_y))
-    title = f"cnn_from_scratch.py ({args.layers} layers), seed {args.seed}"
+    metrics["train_time_s"] = seconds
+    metrics["images_per_s"] = images / max(seconds, 1e-9)
+    metrics["epochs"] = args.epochs
+    metrics["layers"] = args.layers
+    metrics["test_images"] = len(test_y)
+    dry = ", DRY RUN on synthetic images" if args.dry_run else ""
+    title = f"cnn_from_scratch.py ({args.layers} layers), seed {args.seed}{dry}"
     write_csv(run_dir / "history.csv", history)
     plot_training_curves(history, state["lr_by_step"], run_dir / "training_curves.png", title)
-    confusion, classes = metrics["confusion_matrix"], [str(k) for k in range(10)]
     heading = f"Test confusion matrix, {title}"
-    plot_confusion_matrix(confusion, classes, run_dir / "confusion_matrix.png", heading)
-    predicted, probabilities = test["predictions"], test["probabilities"]
+    plot_confusion_matrix(metrics["confusion_matrix"], run_dir / "confusion_matrix.png", heading)
+    predicted = test["predictions"]
+    probabilities = test["probabilities"]
     plot_misclassified(test_x, test_y, predicted, probabilities, run_dir / "misclassified.png")
     atomic_write(run_dir / FINISHED_RECORD, metrics)
     return metrics
@@ -968,19 +1369,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def open_run(args, explicit: set[str], lock: RunLock) -> tuple[Path | None, dict | None]:
-    """The run folder and checkpoint to continue (args then take its settings), or None, None."""
+    """The run folder to continue and its config.json (args then take its settings), or None,
+    None for a new run."""
+    if args.dry_run and args.resume:
+        raise UserError("--dry-run always starts a new run: drop --resume")
     run_dir = find_resume_run(RUN, args.resume, args.output_dir)
     if run_dir is None:
         if args.resume == "auto":
             log("resume: no unfinished run found, starting a new run")
         return None, None
     lock.acquire(run_dir)
-    merge_resumed_args(RUN, args, read_run_record(run_dir)["args"], explicit)
-    checkpoint = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    record = read_run_record(run_dir)
+    merge_resumed_args(RUN, args, record["args"], explicit)
+    if args.conv_kernels == "auto":  # the formulation it chose: a bit-identical continuation
+        args.conv_kernels = record["args"].get("conv_kernels", "auto")
     removed = remove_stale_temp_files(run_dir)
     if removed:
         log(f"resume: removed {removed} temporary files of an interrupted write")
-    return run_dir, checkpoint
+    return run_dir, record
+
+
+def choose_conv_kernels(args, device: torch.device) -> dict | None:
+    """--conv-kernels auto with the fast layers: time both formulations on a batch of the
+    run's size and take the faster; returns the timings (ms per step), None if none were made."""
+    if args.layers != "fast" or args.conv_kernels != "auto":
+        return None
+    milliseconds = time_conv_kernels(args.batch_size, device)
+    args.conv_kernels = min(milliseconds, key=milliseconds.get)
+    timings = ", ".join(f"{kind} {value:.1f} ms" for kind, value in milliseconds.items())
+    log(f"conv kernels: {args.conv_kernels}, the faster per step ({timings})")
+    return milliseconds
+
+
+def epoch_position(state: dict) -> str:
+    """Where training stands, as the stop line and the resume line both say it (1-based)."""
+    if state["step_in_epoch"]:
+        return f"in epoch {state['epoch'] + 1} (step {state['step_in_epoch']})"
+    return f"after epoch {state['epoch']}"
 
 
 def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal, lock: RunLock) -> int:
@@ -989,52 +1414,72 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal, lock: Ru
     if args.summarize:
         log(f"summary: {summarize_runs(RUN, args.summarize, args.output_dir)}")
         return 0
+    if args.prefetch:
+        return prefetch_mnist(args.data_dir)
     offset = apply_array_seed(args)
     if offset:
         log(f"seed: --seed + SLURM array task {offset} = {args.seed}")
-    run_dir, checkpoint = open_run(args, explicit, lock)
+    if args.dry_run and "val_size" not in explicit:
+        args.val_size = 100  # of the synthetic training images
+    run_dir, record = open_run(args, explicit, lock)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = default_warmup_epochs(args.epochs)
+    log(f"warmup: {args.warmup_epochs:g} of the {args.epochs} epochs")
     device = select_device(args.device)
     environment = environment_summary(device)
     log("environment: " + ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None))
     data = load_data(args, device)
     sizes = ", ".join(f"{len(x)} {name}" for name, (x, _) in data.items())
-    log(f"data: {sizes} images, uint8 on {device}")
+    log(f"data: {sizes} images, uint8 on {device}{' (synthetic: --dry-run)' * args.dry_run}")
+    data_files = None if args.dry_run else mnist_fingerprint(args.data_dir)
+    if record is not None:
+        check_same_data(record.get("data_files"), data_files, args.data_dir)
+    conv_kernel_ms = choose_conv_kernels(args, device)
     generator = torch.Generator().manual_seed(args.seed)
-    model = CNN(layers=args.layers, device=device, generator=generator)
+    model = CNN(
+        layers=args.layers, conv_kernels=args.conv_kernels, device=device, generator=generator
+    )
     optimizer = SGD(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     parameters = sum(tensor.numel() for tensor in model.parameters().values())
     log(f"model: {parameters:,} parameters, {args.layers} hand-written layers")
-    if checkpoint is None:
+    if run_dir is None:
         random.seed(args.seed)
         torch.manual_seed(args.seed)
+        removed = clean_unstarted_runs(RUN, args.output_dir)
+        if removed:
+            log(f"cleanup: removed {removed} temporary files of runs killed before a checkpoint")
         config = {"args": vars(args), "environment": environment, "parameters": parameters}
-        run_dir = new_run(RUN, args.output_dir, config, lock)
+        config.update(data_files=data_files, conv_kernel_ms=conv_kernel_ms)
+        run_dir = new_run(RUN, args.output_dir, config, lock, dry_run=args.dry_run)
         # Where training stands; checkpointed, so that a resume continues bit-identically.
         state = {"epoch": 0, "step_in_epoch": 0, "history": [], "lr_by_step": [], "train_time_s": 0}
     else:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
-        restore_rng_state(checkpoint["rng"])
-        log(f"resumed {run_dir} at epoch {state['epoch']} step {state['step_in_epoch']}")
+        state = load_checkpoint(run_dir / CHECKPOINT_NAME, model, optimizer)
+        log(f"resumed {run_dir} {epoch_position(state)}")
     log(f"run folder: {run_dir}")
     outcome = train(args, model, optimizer, data, state, stop, run_dir)
+    return report(args, outcome, model, data, state, stop, run_dir)
+
+
+def report(args, outcome: str, model: CNN, data: dict, state: dict, stop, run_dir: Path) -> int:
+    """The closing lines of a run by how training ended, and its exit code; a finished run's
+    outputs are written first."""
     if outcome == "diverged":
-        epoch, advice = state["epoch"], f"Lower --lr (now {args.lr}) or raise --warmup-epochs"
+        epoch = state["epoch"]
         kept = f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}"
-        kept = kept if epoch else "no checkpoint was written (that needs a finished epoch)"
+        if not epoch:
+            kept = "no checkpoint was written (that needs a finished epoch)"
+        advice = f"Lower --lr (now {args.lr}) or raise --warmup-epochs"
         message = f"the training loss became NaN/inf in epoch {epoch + 1}; {kept}. {advice}"
         print(f"error: {message}", file=sys.stderr, flush=True)
         return DIVERGED_EXIT_CODE
     if outcome == "stopped":
-        epoch, step = state["epoch"], state["step_in_epoch"]
-        where = f" in epoch {epoch + 1} (step {step})" if step else f" after epoch {epoch}"
-        log("\n".join(stop_lines(RUN, stop, run_dir, where)))
+        log("\n".join(stop_lines(RUN, stop, run_dir, f" {epoch_position(state)}")))
         return stop.exit_code
     metrics = write_results(args, model, data, state, run_dir)
     log(
         f"test accuracy {100 * metrics['test_accuracy']:.2f}%  loss {metrics['test_loss']:.4f}  "
-        f"macro F1 {metrics['macro_f1']:.4f}  train time {metrics['train_time_s']:.1f}s "
+        f"macro F1 {100 * metrics['macro_f1']:.2f}%  train time {metrics['train_time_s']:.1f}s "
         f"({metrics['images_per_s']:,.0f} img/s)"
     )
     log(f"results: {run_dir}")

@@ -1,14 +1,14 @@
 """partial_unfreeze with the frozen prefix cached (--cache-frozen on) against recomputing it.
 
 Everything up to layer3 is frozen in eval mode and the images are not augmented, so layer3's
-output per image never changes: resnet18.py can compute it once per split (frozen_outputs) and
+output per image never changes: resnet18.py can compute it once per split (forward_all) and
 train layer4 + fc on it. This times one training epoch both ways on resnet18.py's own pieces
-(StagesFrom, Job, training_step: the same AdamW, schedule and batches), on synthetic
+(start_training, train_epoch: the same layers, AdamW, schedule and batches), on synthetic
 EMNIST-shaped images (random backbone weights cost the same as ImageNet's):
 
   uncached   every step preprocesses the batch's uint8 images and runs the whole network
              (the frozen stages without gradients needed, but computed every epoch).
-  cached     frozen_outputs() once (timed on its own), then every step runs layer4 + fc on
+  cached     forward_all() once (timed on its own), then every step runs layer4 + fc on
              rows of the cached (N, 256, s/16, s/16) tensor.
 
 The epochs are interleaved (uncached, cached, uncached, ...) after a warm-up, and the median of
@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -36,39 +37,56 @@ import resnet18  # noqa: E402
 REGIME = "partial_unfreeze"
 
 
-def make_job(splits: dict, first: int, img_size: int, precision, batch_size: int) -> resnet18.Job:
-    """partial_unfreeze as resnet18.py sets it up (same seed, so the same initial weights) on
-    `splits` (images, or the frozen stages' output when `first` > 0)."""
-    torch.manual_seed(0)
-    model = resnet18.build_model(REGIME, None).to(splits["train"][1].device)
-    settings = dict(resnet18.REGIME_DEFAULTS[REGIME], batch_size=batch_size)
-    stages = resnet18.StagesFrom(model, first, img_size)
-    return resnet18.Job(REGIME, settings, stages, splits, precision, resnet18.World(), Path())
+def make_training(images, labels, args, cache: str) -> resnet18.Training:
+    """partial_unfreeze as resnet18.py sets it up (resnet18.start_training, same seed, so the
+    same initial weights), the frozen layers' output cached or not (--cache-frozen on/off)."""
+    argv = ["--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
+    argv += ["--cache-frozen", cache, "--device", args.device, "--compile", args.compile]
+    options = resnet18.get_args_parser().parse_args(argv + ([] if args.amp else ["--no-amp"]))
+    device = torch.device(args.device)
+    precision = resnet18.select_precision(device, args.amp)
+    backbone = resnet18.backbone_identity("none", download=False)
+    stop = types.SimpleNamespace(received=None)
+    settings = {REGIME: resnet18.regime_settings(options, REGIME)}
+    world = resnet18.World()
+    setup = resnet18.Setup(options, world, device, precision, stop, backbone, None, settings)
+    data = {"train": (images, labels)}
+    return resnet18.start_training(setup, REGIME, data, Path())
 
 
-def epoch_seconds(job: resnet18.Job, batch_size: int, seed: int) -> float:
-    """One epoch of resnet18.training_step, in its training mode (layer4 in train mode)."""
-    labels = job.splits["train"][1]
-    generator = torch.Generator().manual_seed(seed)
-    device = labels.device
-    batches = resnet18.iterate_batches(len(labels), batch_size, generator, device)
-    resnet18.set_regime_mode(job.model, REGIME, training=True)
+def epoch_seconds(training: resnet18.Training, args) -> float:
+    """One epoch of resnet18.train_epoch (its batches, steps and train modes)."""
+    training.state["step_in_epoch"] = 0
+    options = types.SimpleNamespace(seed=training.state["epoch"], batch_size=args.batch_size)
+    training.state["epoch"] += 1  # a new permutation each time
     started = time.perf_counter()
-    for index in batches:
-        resnet18.training_step(job, index)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    resnet18.train_epoch(training, options, types.SimpleNamespace(received=None))
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--images", type=int, default=1024, help="training images per epoch")
-    parser.add_argument("--img-size", type=int, default=resnet18.DEFAULT_IMG_SIZE)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--img-size", type=int, default=resnet18.DEFAULT_IMG_SIZE, help="image side"
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="training batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each path")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16/fp16 autocast"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=resnet18.COMPILE_MODES,
+        help="resnet18.py --compile: torch.compile the trained layers",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -95,31 +113,27 @@ def main() -> None:
         flush=True,
     )
 
-    stages = resnet18.FROZEN_STAGES[REGIME]
-    uncached = {"train": (images[train], labels[train])}
-    jobs = {"uncached": make_job(uncached, 0, args.img_size, precision, args.batch_size)}
-    started = time.perf_counter()  # the frozen stages of the same (seeded) weights
-    cached = resnet18.frozen_outputs(
-        jobs["uncached"].model, images, stages, args.img_size, precision
-    )
-    cache_seconds = time.perf_counter() - started
-    splits = {"train": (cached[train], labels[train])}
-    jobs["cached"] = make_job(splits, stages, args.img_size, precision, args.batch_size)
+    trainings = {}
+    cache_seconds = 0.0
+    for cache in ("off", "on"):
+        trainings["uncached" if cache == "off" else "cached"] = make_training(
+            images[train], labels[train], args, cache
+        )
+    cache_seconds = trainings["cached"].cache_seconds
     # The same logits from both paths (before any training step changes the weights).
     logits = {}
-    for name, job in jobs.items():
-        rows = images[held_out] if name == "uncached" else cached[held_out]
-        result = resnet18.evaluate_split(
-            job.stages, rows, labels[held_out], precision, keep_scores=True
-        )
+    for name, training in trainings.items():
+        layers = resnet18.as_layers(training.model, args.img_size)
+        rows = images[held_out]
+        result = resnet18.evaluate(layers, rows, labels[held_out], precision, args.img_size)
         logits[name] = result["scores"]
     difference = (logits["cached"] - logits["uncached"]).abs().max().item()
-    print(f"max |logit difference| cached vs uncached on 256 images: {difference:.2e}", flush=True)
+    print(f"max |logit difference| of the two models on 256 images: {difference:.2e}", flush=True)
 
-    seconds = {name: [] for name in jobs}
+    seconds = {name: [] for name in trainings}
     for repeat in range(args.repeats + 1):  # repeat 0 warms up (kernel selection, allocator)
-        for name, job in jobs.items():
-            taken = epoch_seconds(job, args.batch_size, seed=repeat)
+        for name, training in trainings.items():
+            taken = epoch_seconds(training, args)
             if repeat:
                 seconds[name].append(taken)
                 print(f"  {name} epoch {repeat}: {taken:.2f}s", flush=True)
@@ -127,10 +141,9 @@ def main() -> None:
     for name, value in median.items():
         rate = args.images / value
         print(f"{name}: {value:.2f}s per epoch (median of {args.repeats}), {rate:,.0f} images/s")
-    print(f"caching the frozen prefix once: {cache_seconds:.2f}s for {len(images):,} images")
+    print(f"caching the frozen prefix once: {cache_seconds:.2f}s for {args.images:,} images")
     epochs = resnet18.REGIME_DEFAULTS[REGIME]["epochs"]
-    cache_share = cache_seconds * args.images / len(images)  # the training images' part
-    whole = epochs * median["uncached"] / (epochs * median["cached"] + cache_share)
+    whole = epochs * median["uncached"] / (epochs * median["cached"] + cache_seconds)
     print(f"over {epochs} epochs, the caching included: {whole:.2f}x")
     ratio = median["uncached"] / median["cached"]
     print(f"speed-up of a partial_unfreeze epoch, uncached / cached: {ratio:.2f}x")

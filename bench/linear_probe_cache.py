@@ -2,10 +2,9 @@
 
 Same synthetic EMNIST-shaped subset, same epochs (resnet18.py's linear-probe default, 15), same
 batches (one seeded permutation per epoch), same fc initialisation and AdamW settings, on
-resnet18.py's own functions (build_model, normalise_and_resize, frozen_outputs, run_stages,
-iterate_batches):
+resnet18.py's own functions (build_model, as_layers, forward_all, epoch_batches):
 
-  cached     frozen_outputs() once (the frozen backbone in eval mode), then every epoch
+  cached     forward_all() once (the frozen backbone in eval mode), then every epoch
              trains fc on rows of that (N, 512) tensor: what resnet18.py does by default.
   uncached   every step runs the frozen backbone on the batch's images (no gradients), then
              trains fc on its output: the textbook loop (resnet18.py --cache-frozen off).
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import resnet18  # noqa: E402
 
-STAGES = resnet18.FROZEN_STAGES["linear_probe"]  # everything before fc
+FIRST_TRAINED = resnet18.FIRST_TRAINED["linear_probe"]  # the layers before fc are frozen
 
 
 def train_fc(model, epochs, batch_size, lr, precision, features_of_batch, labels) -> float:
@@ -39,7 +38,7 @@ def train_fc(model, epochs, batch_size, lr, precision, features_of_batch, labels
     started = time.perf_counter()
     for epoch in range(epochs):
         generator = torch.Generator().manual_seed(epoch + 1)
-        for index in resnet18.iterate_batches(len(labels), batch_size, generator, labels.device):
+        for index in resnet18.epoch_batches(len(labels), batch_size, 1, generator, labels.device):
             features = features_of_batch(index)
             with precision.autocast():
                 logits = model.fc(features)
@@ -53,15 +52,22 @@ def train_fc(model, epochs, batch_size, lr, precision, features_of_batch, labels
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--images", type=int, default=512, help="training subset size")
     parser.add_argument(
         "--epochs", type=int, default=resnet18.REGIME_DEFAULTS["linear_probe"]["epochs"]
     )
-    parser.add_argument("--img-size", type=int, default=resnet18.DEFAULT_IMG_SIZE)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--img-size", type=int, default=resnet18.DEFAULT_IMG_SIZE, help="image side"
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="training batch")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16/fp16 autocast"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument(
         "--threads",
         type=int,
@@ -88,17 +94,19 @@ def main() -> None:
     # Warm-up outside the timings: the first forward passes at a new shape pay one-off kernel
     # selection (oneDNN/cuDNN), which would otherwise land on whichever path runs first.
     warm = resnet18.build_model("linear_probe", None).to(device).eval()
-    for batch in (args.batch_size, min(args.images, resnet18.EVAL_BATCH_SIZE)):
-        resnet18.frozen_outputs(warm, images[:batch], STAGES, args.img_size, precision)
+    frozen = resnet18.as_layers(warm, args.img_size)[:FIRST_TRAINED]
+    for batch in (args.batch_size, min(args.images, resnet18.MAX_EVAL_BATCH)):
+        resnet18.forward_all(frozen, images[:batch], args.img_size, precision)
 
     results = {}
     for name in ("cached", "uncached"):
         torch.manual_seed(0)  # the same fc initialisation for both
         model = resnet18.build_model("linear_probe", None).to(device)
         model.eval()  # the frozen backbone; fc has no dropout or BatchNorm either
+        frozen = resnet18.as_layers(model, args.img_size)[:FIRST_TRAINED]
         started = time.perf_counter()
         if name == "cached":
-            features = resnet18.frozen_outputs(model, images, STAGES, args.img_size, precision)
+            features = resnet18.forward_all(frozen, images, args.img_size, precision)
             feature_seconds = time.perf_counter() - started
 
             def features_of_batch(index, features=features):
@@ -107,10 +115,9 @@ def main() -> None:
             feature_seconds = 0.0
 
             @torch.no_grad()
-            def features_of_batch(index, model=model):
-                x = resnet18.normalise_and_resize(images[index], args.img_size)
+            def features_of_batch(index, frozen=frozen):
                 with precision.autocast():
-                    return resnet18.run_stages(model, x, 0, STAGES)
+                    return frozen(images[index])
 
         train_seconds = train_fc(
             model, args.epochs, args.batch_size, lr, precision, features_of_batch, labels

@@ -55,13 +55,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Unrecognised arguments are passed to resnet18.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of ByClass's sizes")
-    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "./data"))
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("DATA_DIR", "./data"),
+        help="real EMNIST/raw/ if there ($DATA_DIR, else ./data)",
+    )
     parser.add_argument(
         "--output-dir", default=None, help="results folder parent (default: a temporary one)"
     )
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="resnet18.py --device")
     args, passthrough = parser.parse_known_args()
 
     raw = Path(args.data_dir) / "EMNIST" / "raw"
@@ -109,8 +114,8 @@ def main() -> int:
         device_name = device.get("gpu") or f"{device['device']} ({device['cpu_threads']} threads)"
         walls = {}
         print(
-            f"\n{'regime':<18}{'wall s':>9}{'train s':>9}{'epochs':>8}{'img/s':>10}{'peak MB':>9}"
-            + ("  test acc" if real else "")
+            f"\n{'regime':<18}{'wall s':>9}{'train s':>9}{'epochs':>8}{'img/s':>10}"
+            f"{'peak MiB':>10}{'cached':>8}" + ("  test acc" if real else "")
         )
         for regime in resnet18.REGIMES:
             metrics = json.loads((run_dir / regime / "metrics.json").read_text())
@@ -118,7 +123,8 @@ def main() -> int:
             print(
                 f"{regime:<18}{metrics['wall_time_s']:>9.1f}{metrics['train_time_s']:>9.1f}"
                 f"{metrics['epochs_run']:>8}{metrics['images_per_s']:>10,.0f}"
-                f"{metrics['peak_memory_mb']:>9,.0f}"
+                f"{metrics['peak_memory_mib']:>10,.0f}"
+                f"{'yes' if metrics['frozen_output_cached'][-1] else 'no':>8}"
                 + (f"  {100 * metrics['test_accuracy']:.2f}%" if real else "")
             )
         print(f"setup (data load, splits) and comparison: {total - sum(walls.values()):.1f}s")

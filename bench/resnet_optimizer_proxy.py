@@ -3,7 +3,7 @@
 No EMNIST and no ImageNet weights are available on the machine this was written on, so this
 measures optimisation progress only, on a proxy: scikit-learn's 1,797 real handwritten 8x8
 digits, upscaled and padded to EMNIST's 28x28, through resnet18.py's own code (build_model with
-random backbone weights, normalise_and_resize, frozen_outputs, WarmupCosine, the regimes' train
+random backbone weights, as_layers, forward_all, WarmupCosine, the regimes' train
 modes) at --img-size 32. It says which optimiser makes progress at lr 0.01 (linear probe, cached
 features) and 5e-4 (partial unfreeze); it says nothing about EMNIST accuracy.
 
@@ -12,6 +12,7 @@ features) and 5e-4 (partial unfreeze); it says nothing about EMNIST accuracy.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -60,18 +61,19 @@ def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list
         optimizer, resnet18.WarmupCosine(steps * epochs, warmup)
     )
     # The linear probe trains on the frozen backbone's cached features, as resnet18.py does.
-    first = resnet18.FROZEN_STAGES[regime] if regime == "linear_probe" else 0
-    rows = resnet18.frozen_outputs(model, images, first, IMG_SIZE, precision) if first else images
+    layers = resnet18.as_layers(model, IMG_SIZE)
+    first = resnet18.FIRST_TRAINED[regime] if regime == "linear_probe" else 0
+    rows = resnet18.forward_all(layers[:first], images, IMG_SIZE, precision) if first else images
     splits = {
         "train": (rows[train_index], labels[train_index]),
         "val": (rows[val_index], labels[val_index]),
     }
-    module = resnet18.StagesFrom(model, first, IMG_SIZE)
+    module = layers[first:]
     progress = []
     for epoch in range(epochs):
         resnet18.set_regime_mode(model, regime, training=True)
         generator = torch.Generator().manual_seed(epoch)
-        for index in resnet18.iterate_batches(len(train_index), BATCH_SIZE, generator, "cpu"):
+        for index in resnet18.epoch_batches(len(train_index), BATCH_SIZE, 1, generator, "cpu"):
             rows, batch_labels = splits["train"][0][index], splits["train"][1][index]
             with precision.autocast():
                 logits = module(rows)
@@ -80,13 +82,15 @@ def train(regime: str, optimizer_name: str, epochs: int, images, labels) -> list
             loss.backward()
             optimizer.step()
             scheduler.step()
-        train_loss = resnet18.evaluate_split(module, *splits["train"], precision)["loss"]
-        val_accuracy = resnet18.evaluate_split(module, *splits["val"], precision)["accuracy"]
+        train_loss = resnet18.evaluate(module, *splits["train"], precision, IMG_SIZE)["loss"]
+        val_accuracy = resnet18.evaluate(module, *splits["val"], precision, IMG_SIZE)["accuracy"]
         progress.append((epoch + 1, round(train_loss, 3), round(val_accuracy, 3)))
     return progress
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()  # no options: --help says what it does
     torch.set_num_threads(1)
     images, labels = digits_as_emnist()
     for regime, epochs in (("linear_probe", 15), ("partial_unfreeze", 4)):

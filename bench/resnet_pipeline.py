@@ -4,7 +4,7 @@ Both deliver one epoch of shuffled, normalised training batches at the same imag
 same synthetic EMNIST-shaped uint8 images (28x28, 62 classes; the pixel values do not change
 the cost):
 
-  on-device    resnet18.py's path: the uint8 tensor is on the device; iterate_batches draws a
+  on-device    resnet18.py's path: the uint8 tensor is on the device; epoch_batches draws a
                randperm, normalise_and_resize() normalises and resizes (bilinear,
                F.interpolate) per batch. Its batches are 1-channel, because resnet18.py
                sums conv1 over RGB.
@@ -87,7 +87,7 @@ def time_on_device_epoch(
 ) -> tuple[float, int]:
     started, count = time.perf_counter(), 0
     generator = torch.Generator().manual_seed(epoch)
-    for index in resnet18.iterate_batches(len(labels), batch_size, generator, images.device):
+    for index in resnet18.epoch_batches(len(labels), batch_size, 1, generator, images.device):
         x, y = resnet18.normalise_and_resize(images[index], img_size), labels[index]
         if three_channels:
             x = x.expand(-1, 3, -1, -1).contiguous()
@@ -110,13 +110,18 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--img-size", type=int, default=resnet18.DEFAULT_IMG_SIZE)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=resnet18.DEFAULT_IMG_SIZE, help="image side"
+    )
     parser.add_argument("--images", type=int, default=16384, help="images per epoch")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=512, help="batch")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument(
         "--threads",
         type=int,

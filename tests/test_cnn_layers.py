@@ -414,14 +414,24 @@ def test_reference_network_gradients_match_torch_nn_twin(batch):
         torch.testing.assert_close(grads[f"{index}.bias"], twin[index].bias.grad, **TOL)
 
 
+@pytest.mark.parametrize("conv_kernels", cnn.CONV_KERNELS)
 @pytest.mark.parametrize("batch,seed", [(1, 0), (4, 1), (7, 2)])
-def test_fast_network_matches_the_reference_network(batch, seed):
-    """Same seed, same initial weights; then the same loss and every gradient, and the same
-    weights after three SGD steps. Inputs with ReLU ties (zero images) included."""
+def test_fast_network_matches_the_reference_network(batch, seed, conv_kernels):
+    """With either formulation of the second convolution (the run-time choice): same seed, same
+    initial weights; then the same loss and every gradient, and the same weights after three
+    SGD steps. Inputs with ReLU ties (zero images) included."""
     models = {
-        kind: cnn.CNN(layers=kind, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        kind: cnn.CNN(
+            layers=kind,
+            conv_kernels=conv_kernels,
+            dtype=F64,
+            generator=torch.Generator().manual_seed(seed),
+        )
         for kind in cnn.LAYER_KINDS
     }
+    second_conv = models["fast"].layers[3]
+    expected = cnn.KernelRowsConv2D if conv_kernels == "kernel-rows" else cnn.ColumnsConv2D
+    assert type(second_conv) is expected
     assert models["fast"].state_dict().keys() == models["reference"].state_dict().keys()
     for name, tensor in models["fast"].state_dict().items():
         assert torch.equal(tensor, models["reference"].state_dict()[name]), name
@@ -444,6 +454,31 @@ def test_fast_network_matches_the_reference_network(batch, seed):
 def test_network_kind_is_checked():
     with pytest.raises(ValueError, match="layers must be one of"):
         cnn.CNN(layers="quick")
+    with pytest.raises(ValueError, match="conv_kernels must be one of"):
+        cnn.CNN(conv_kernels="winograd")
+
+
+def test_gradients_are_keyed_like_parameters_and_are_the_last_backward():
+    model = cnn.CNN(dtype=F64, generator=torch.Generator().manual_seed(0))
+    loss_fn = cnn.SoftmaxCrossEntropy()
+    x = torch.randn(3, 1, 28, 28, dtype=F64)
+    loss_fn.forward(model.forward(x), torch.tensor([1, 2, 3]))
+    model.backward(loss_fn.backward())
+    params = model.parameters()
+    grads = model.gradients()
+    assert list(grads) == list(params)
+    for key, grad in grads.items():
+        assert grad.shape == params[key].shape and grad is not params[key]
+        index = int(key.split(".")[1])
+        assert grad is model.layers[index].grads[key.split(".")[2]]
+
+
+def test_time_conv_kernels_times_both_and_leaves_the_global_random_state_alone():
+    before = torch.random.get_rng_state()
+    milliseconds = cnn.time_conv_kernels(8, torch.device("cpu"), repeats=1)
+    assert set(milliseconds) == set(cnn.CONV_KERNELS)
+    assert all(value > 0 for value in milliseconds.values())
+    assert torch.equal(torch.random.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("nesterov,momentum,weight_decay", [(True, 0.9, 5e-4), (False, 0.5, 0.0)])
