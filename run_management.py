@@ -440,9 +440,10 @@ class RunLock:
     A file created exclusively (O_EXCL, which NFS, Lustre and GPFS honour where flock may be
     missing or node-local) that names its holder: host, pid and a random token. Its
     modification time is a heartbeat that a thread touches every HEARTBEAT_S seconds. A lock
-    whose holder is gone, on this host a pid that no longer runs, anywhere a heartbeat older
-    than STALE_LOCK_S, is taken over with a log line: a killed or requeued run is never locked
-    out. Use: `with RunLock() as lock: ... lock.acquire(run_dir) ...`.
+    whose holder is gone, on this host a pid that no longer runs, an earlier start of this
+    same SLURM job (requeued, maybe after its node died), anywhere a heartbeat older than
+    STALE_LOCK_S, is taken over with a log line: a killed or requeued run is never locked out.
+    Use: `with RunLock() as lock: ... lock.acquire(run_dir) ...`.
     """
 
     def __init__(self):
@@ -461,6 +462,7 @@ class RunLock:
     def acquire(self, run_dir: Path) -> None:
         path = Path(run_dir) / LOCK_FILE
         record = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        record["slurm_job"] = slurm_incarnation()
         for _ in range(5):
             try:
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -526,10 +528,23 @@ def read_lock(path: Path) -> dict | None:
     return {**holder, "age_s": age}
 
 
+def slurm_incarnation() -> list | None:
+    """This SLURM job's id and restart count: a requeued job is a new incarnation of the same
+    id, and SLURM never runs two incarnations of one job at once."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    return [job, os.environ.get("SLURM_RESTART_COUNT", "0")]
+
+
 def lock_holder_gone(holder: dict) -> str | None:
     """Why a lock's holder is gone (its lock may be taken over), or None while it may live."""
     if holder["age_s"] > STALE_LOCK_S:
         return f"no heartbeat for {holder['age_s']:.0f} s"
+    mine = slurm_incarnation()
+    theirs = holder.get("slurm_job")
+    if mine and isinstance(theirs, list) and theirs[0] == mine[0] and theirs != mine:
+        return f"an earlier run of SLURM job {mine[0]}, requeued since (a node may have died)"
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return None
     if holder.get("token") in TOKENS_HELD_HERE:

@@ -11,8 +11,8 @@
 # Two nodes (SLURM_TEST_NODES=1 for one): slurmd runs once per node as `slurmd -N NAME`, each
 # with its own Port= and its own spool folder, PID file and log (SlurmdSpoolDir, SlurmdPidFile,
 # SlurmdLogFile with %n). The node names are this machine's short host name and `localhost`:
-# the wrappers hand the first node's NAME to torchrun and MASTER_ADDR as the rendezvous host,
-# so each name must resolve to this machine, as both do (checked at start). Every node looks
+# the wrappers hand the first node's NAME to the processes as MASTER_ADDR, so each name must
+# resolve to this machine, as both do (checked at start). Every node looks
 # like a GPU server, big enough for several test jobs at once, so that run_cnn.sbatch and
 # run_resnet.sbatch are accepted with their own #SBATCH requests: SLURM_TEST_CPUS (32) CPUs,
 # SLURM_TEST_MEM_MB (262144) MB and SLURM_TEST_GPUS (4) fake GPUs. SlurmdParameters=
@@ -39,37 +39,23 @@ alive() {
     [[ ${stat%% *} != Z ]]
 }
 
-# The first of COUNT consecutive free TCP ports on 127.0.0.1.
+# The first of COUNT consecutive TCP ports on 127.0.0.1 that nothing listens on (a connection
+# to each is refused), from a random start.
 free_ports() {
-    python3 - "$1" <<'EOF'
-import socket
-import sys
-
-count = int(sys.argv[1])
-for _ in range(200):
-    with socket.socket() as first:
-        first.bind(("127.0.0.1", 0))
-        port = first.getsockname()[1]
-    if port + count > 65000:
-        continue
-    sockets = []
-    try:
-        for offset in range(count):
-            sockets.append(socket.socket())
-            sockets[-1].bind(("127.0.0.1", port + offset))
-    except OSError:
-        continue
-    finally:
-        for held in sockets:
-            held.close()
-    print(port)
-    break
-EOF
+    local count=$1 port offset try
+    for ((try = 0; try < 200; try++)); do
+        port=$((20000 + RANDOM % 40000))
+        for ((offset = 0; offset < count; offset++)); do
+            (echo >"/dev/tcp/127.0.0.1/$((port + offset))") 2>/dev/null && continue 2
+        done
+        echo "$port"
+        return 0
+    done
 }
 
 # The node names, one a line: this host's short name, then localhost. Each must resolve to a
 # loopback address of this machine, since the wrappers use the first node's name as the
-# rendezvous host of a multi-node job.
+# MASTER_ADDR of a multi-node job.
 node_names() {
     local count=$1 name address names=()
     for name in "$(hostname -s)" localhost; do

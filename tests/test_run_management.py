@@ -182,6 +182,20 @@ def test_the_process_that_takes_a_run_names_it_where_the_wrapper_reads(tmp_path,
     assert named.read_text() == f"{run_dir}\n"
 
 
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_start(tmp_path, monkeypatch):
+    earlier = {"host": "dead-node", "pid": 4242, "token": "old", "slurm_job": ["77", "0"]}
+    (tmp_path / runs.LOCK_FILE).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: the fresh lock holds
+    assert runs.is_held(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert not runs.is_held(tmp_path)
+    with runs.RunLock() as lock:
+        lock.acquire(tmp_path)
+        held = json.loads((tmp_path / runs.LOCK_FILE).read_text())
+        assert held["slurm_job"] == ["77", "1"]
+
+
 def test_the_holder_keeps_its_lock_alive_with_a_heartbeat(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "HEARTBEAT_S", 0.05)
     with runs.RunLock() as lock:
