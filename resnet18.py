@@ -47,6 +47,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -146,13 +147,17 @@ REGIME_DEFAULTS = {
     "partial_unfreeze": {"epochs": 20, "lr": 5e-4, "warmup_epochs": 1.0, "weight_decay": 0.01},
 }
 # The network is torchvision's modules in one nn.Sequential (see as_layers); a regime trains
-# layers[FIRST_TRAINED[regime]:] and freezes the layers before, whose output per image never
-# changes and is computed once (the 512-d features, or layer3's 256 x 6 x 6 at 96 px).
-LAYER_NAMES = ("preprocess", "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
-LAYER_NAMES += ("layer4", "avgpool", "flatten", "fc")
-FIRST_TRAINED = {"linear_probe": LAYER_NAMES.index("fc"), "partial_unfreeze": 8}
+# layers[FIRST_TRAINED[regime]:] (from fc, or from layer4) and freezes the layers before, whose
+# output per image never changes and is computed once (the 512-d features, or layer3's
+# 256 x 6 x 6 at 96 px).
+FIRST_TRAINED = {"linear_probe": 11, "partial_unfreeze": 8}
 TRAINABLE_PREFIXES = {"linear_probe": ("fc.",), "partial_unfreeze": ("layer4.", "fc.")}
 IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+EMNIST_URL = "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip"
+FETCH_EMNIST = (
+    "Run `./setup_env.sh --prefetch` (or `resnet18.py --prefetch`) on a machine with internet "
+    "and copy the EMNIST folder here, or pass --data-dir to a folder holding EMNIST/raw/"
+)
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
@@ -171,7 +176,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_model_options(group) -> None:
-    """Options of the regimes: which, from which weights, in which precision."""
     group.add_argument(
         "--regime",
         default="both",
@@ -217,8 +221,6 @@ def add_model_options(group) -> None:
 
 
 def add_schedule_options(group) -> None:
-    """AdamW, warmup then cosine decay, early stopping; the per-regime defaults are the
-    values a regime uses unless one is given."""
     group.add_argument(
         "--epochs",
         type=positive_int,
@@ -270,7 +272,6 @@ def add_schedule_options(group) -> None:
 
 
 def add_data_options(group) -> None:
-    """EMNIST ByClass: where, how much, at which size; fetched, verified or synthetic."""
     group.add_argument(
         "--data-dir",
         default=os.environ.get("DATA_DIR", "./data"),
@@ -318,7 +319,6 @@ def add_data_options(group) -> None:
 
 
 def add_run_options(group) -> None:
-    """Where runs go, on which device, resumed or summarised."""
     group.add_argument(
         "--output-dir",
         default=os.environ.get("RESULTS_DIR", "./results"),
@@ -567,13 +567,6 @@ def check_emnist_files(data_dir, download: bool) -> Path:
     return raw
 
 
-EMNIST_URL = "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip"
-FETCH_EMNIST = (
-    "Run `./setup_env.sh --prefetch` (or `resnet18.py --prefetch`) on a machine with internet "
-    "and copy the EMNIST folder here, or pass --data-dir to a folder holding EMNIST/raw/"
-)
-
-
 def load_emnist(data_dir, split: str = "byclass", train: bool = True, download: bool = True):
     """Upright uint8 images (N, 28, 28) and int64 labels (N,) of EMNIST's raw files, through
     torchvision (which returns them transposed, as NIST stores them)."""
@@ -707,9 +700,11 @@ def backbone_identity(weights: str, download: bool) -> dict:
     if weights == "none":
         return {"weights": "none", "file": None, "sha256": None}
     path = imagenet_weights_path() if weights == "imagenet" else Path(weights)
-    how = f"torchvision expects ResNet-18's ImageNet weights at {path}: run `./setup_env.sh "
-    how += "--prefetch` on a machine with internet and copy the file there (or download "
-    how += f"{IMAGENET_URL}), or pass --weights none"
+    how = (
+        f"torchvision expects ResNet-18's ImageNet weights at {path}: run `./setup_env.sh "
+        "--prefetch` on a machine with internet and copy the file there (or download "
+        f"{IMAGENET_URL}), or pass --weights none"
+    )
     if weights != "imagenet" and not path.is_file():
         raise UserError(f"--weights {weights}: no such file; pass imagenet, none or a path")
     if not path.is_file() and not download:
@@ -721,8 +716,9 @@ def backbone_identity(weights: str, download: bool) -> dict:
             raise UserError(f"cannot download {path} ({error_text(error)}). {how}") from None
     with open(path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    if weights == "imagenet" and misnamed(path, sha256):
-        log(f"warning: {misnamed(path, sha256)}")
+    wrong = misnamed(path, sha256) if weights == "imagenet" else None
+    if wrong:
+        log(f"warning: {wrong}")
     return {"weights": weights, "file": str(path), "sha256": sha256}
 
 
@@ -740,7 +736,8 @@ def load_backbone_weights(identity: dict) -> dict | None:
     None for 'none'; one error line for an unreadable or mismatched file."""
     if identity["file"] is None:
         return None
-    path, weights = Path(identity["file"]), identity["weights"]
+    path = Path(identity["file"])
+    weights = identity["weights"]
     try:
         state = dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as error:  # a truncated or foreign file
@@ -802,22 +799,23 @@ class Preprocess(nn.Module):
 
 
 def as_layers(model: nn.Module, img_size: int) -> nn.Sequential:
-    """torchvision's ResNet forward as one nn.Sequential of its own modules (LAYER_NAMES), from
-    uint8 images to logits: layers[:k] is a frozen prefix, layers[k:] the rest."""
-    return nn.Sequential(
-        Preprocess(img_size),
-        model.conv1,
-        model.bn1,
-        model.relu,
-        model.maxpool,
-        model.layer1,
-        model.layer2,
-        model.layer3,
-        model.layer4,
-        model.avgpool,
-        nn.Flatten(1),
-        model.fc,
+    """torchvision's ResNet forward as one nn.Sequential of its own modules, under their names,
+    from uint8 images to logits: layers[:k] is a frozen prefix, layers[k:] the rest."""
+    layers = OrderedDict(
+        preprocess=Preprocess(img_size),
+        conv1=model.conv1,
+        bn1=model.bn1,
+        relu=model.relu,
+        maxpool=model.maxpool,
+        layer1=model.layer1,
+        layer2=model.layer2,
+        layer3=model.layer3,
+        layer4=model.layer4,
+        avgpool=model.avgpool,
+        flatten=nn.Flatten(1),
+        fc=model.fc,
     )
+    return nn.Sequential(layers)
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -983,12 +981,10 @@ def update_early_stopping(early: dict, accuracy: float, epoch: int, patience: in
 
 @dataclass
 class Training:
-    """One regime in training. `model` is torchvision's ResNet-18 (its names are the
-    checkpoints' keys); `network` maps a split's rows to logits: the trained layers on the
-    cached frozen output, or all layers on the images. `step_network` is the same network as
-    the training steps call it: in DDP with several processes, its trained layers compiled
-    with --compile. Evaluation calls `network` itself: no collective per batch (the shards
-    are uneven) and no recompilation for other batch sizes."""
+    """One regime in training. `model`: torchvision's ResNet-18 (its names are the checkpoints'
+    keys). `network`: a split's rows to logits (the trained layers on the cached frozen output,
+    or all layers on the images). `step_network`: the same as the steps call it, in DDP and
+    compiled where asked; evaluation calls `network` (no collective, no recompilation)."""
 
     regime: str
     settings: dict
@@ -1172,19 +1168,30 @@ def end_epoch(training: Training, args: argparse.Namespace) -> dict:
 
 def save_checkpoint(training: Training, improved: bool) -> None:
     """history.csv, best.pt (if the epoch improved), then last.pt, from the same state: none is
-    ever behind the checkpoint a resume continues. last.pt holds what training changes (the
-    trainable tensors, optimiser, scaler, schedule, progress, RNG) and the backbone's identity,
-    from which a resume rebuilds the frozen layers."""
+    ever behind the checkpoint a resume continues. Both hold the trainable tensors and the
+    backbone's identity, from which load_best() and a resume rebuild the frozen layers; last.pt
+    also what else training changes (optimiser, scaler, schedule, progress, RNG)."""
     if training.world.rank != 0:
         return
     write_csv(training.folder / "history.csv", training.state["history"])
-    if improved:
-        write_best(training)
-    checkpoint = {
+    trained = {
         "script": RUN.script,
         "regime": training.regime,
         "backbone": training.backbone,
         "model": trainable_state(training.model, training.regime),
+    }
+    early = training.state["early_stopping"]
+    if improved:
+        best = {
+            **trained,
+            "epoch": early["best_epoch"],
+            "val_accuracy": early["best_val_accuracy"],
+            "img_size": training.img_size,
+            "classes": EMNIST_BYCLASS_CHARS,
+        }
+        atomic_write(training.folder / "best.pt", best)
+    checkpoint = {
+        **trained,
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict(),
         "scaler": training.scaler.state_dict(),  # {} when disabled (bf16, float32)
@@ -1195,23 +1202,6 @@ def save_checkpoint(training: Training, improved: bool) -> None:
         "settings": training.settings,
     }
     atomic_write(training.folder / CHECKPOINT_NAME, checkpoint)
-
-
-def write_best(training: Training) -> None:
-    """best.pt: the best epoch's trainable tensors and the backbone's identity (load_best()
-    rebuilds the whole model from them), its epoch and validation accuracy."""
-    early = training.state["early_stopping"]
-    best = {
-        "script": RUN.script,
-        "regime": training.regime,
-        "backbone": training.backbone,
-        "model": trainable_state(training.model, training.regime),
-        "epoch": early["best_epoch"],
-        "val_accuracy": early["best_val_accuracy"],
-        "img_size": training.img_size,
-        "classes": EMNIST_BYCLASS_CHARS,
-    }
-    atomic_write(training.folder / "best.pt", best)
 
 
 def read_checkpoint(path: Path, regime: str, backbone: dict) -> dict:
@@ -1838,7 +1828,7 @@ def stopped_or_diverged(setup: Setup, regime: str, outcome: str, state: dict, ru
     last = run_dir / regime / CHECKPOINT_NAME
     kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
     diverged = f"the {regime} training loss diverged (NaN/inf or above {DIVERGED_LOSS:g})"
-    lr = setup.args.lr if setup.args.lr is not None else REGIME_DEFAULTS[regime]["lr"]
+    lr = setup.settings[regime]["base_lr"]
     advice = f"Lower --lr (now {lr:g}) or raise --warmup-epochs; start a new run"
     stream = sys.stderr if setup.world.rank == 0 else sys.stdout
     print(f"error: {diverged} {where}; {kept} before it. {advice}", file=stream, flush=True)
@@ -1858,7 +1848,7 @@ def prepare_inputs(setup: Setup, layers, first_trained: int, data: dict, regime:
         free = free_memory_bytes(setup.device) / 2**30
         verdict = "fits" if cached else "does not fit"
         why = f"{needed / 2**30:.2f} GiB {verdict} in half the {free:.1f} GiB free"
-    frozen = ", ".join(LAYER_NAMES[1:first_trained])
+    frozen = ", ".join(name for name, _ in layers[1:first_trained].named_children())
     if not cached:
         log(f"{regime}: frozen {frozen}: output not cached ({why})")
         return data, False, 0.0
@@ -1898,9 +1888,9 @@ def train_regime(setup: Setup, regime: str, data: dict, run_dir: Path):
     state["train_time_s"] += training.cache_seconds
     parts = " + ".join(prefix.rstrip(".") for prefix in TRAINABLE_PREFIXES[regime])
     shown = ", ".join(f"{key} {value:g}" for key, value in settings.items())
-    shown += f", patience {args.patience}, {setup.world.size} process(es)"
+    processes = f"patience {args.patience}, {setup.world.size} process(es)"
     trainable = f"{count_trainable(training.model):,} trainable parameters ({parts})"
-    log(f"{regime}: {trainable}; AdamW, {shown}")
+    log(f"{regime}: {trainable}; AdamW, {shown}, {processes}")
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
     while state["epoch"] < settings["epochs"] and not state["early_stopping"]["stopped_early"]:

@@ -59,6 +59,9 @@ NOT_SETTINGS = (
     "summarize",
     "no_download",
     "prefetch",
+    "dry_run",
+    "check_gradients",
+    "conv_kernels",
     "compile",
     "cache_frozen",
     "dist_timeout",
@@ -754,14 +757,17 @@ def is_percentage(key: str) -> bool:
 
 
 def metric_text(key: str, value: float) -> str:
-    """A summary number with one precision per kind: 98.62 (%), 0.0431 (loss), 141.2 (s)."""
+    """A summary number with one precision per kind: 98.62 (%), 0.0431 (loss), 141.2 (s),
+    13,819 (counts and rates)."""
     if is_percentage(key):
         return f"{100 * value:.2f}"
     if key.endswith("loss"):
         return f"{value:.4f}"
-    if key.endswith("_s"):
+    if key.endswith("time_s"):
         return f"{value:,.1f}"
-    return f"{value:,.4g}"
+    if value == int(value) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 def read_finished_run(spec: RunSpec, run_dir: Path) -> dict:
@@ -886,13 +892,16 @@ def summary_markdown(summary: dict) -> str:
         lines += ["| metric | value |", "|---|---:|"]
     for key, values in summary["metrics"].items():
         unit = " (%)" if is_percentage(key) else ""
-        if count > 1:
-            spread = f"{metric_text(key, values['mean'])} ± {metric_text(key, values['std'])}"
+        mean = metric_text(key, values["mean"])
+        if count == 1:
+            lines.append(f"| {key}{unit} | {mean} |")
+        elif values["min"] == values["max"]:  # the same in every run: no spread to show
+            lines.append(f"| {key}{unit} | {mean} (every run) | | | {values['n']} |")
+        else:
+            spread = f"{mean} ± {metric_text(key, values['std'])}"
             low = metric_text(key, values["min"])
             high = metric_text(key, values["max"])
             lines.append(f"| {key}{unit} | {spread} | {low} | {high} | {values['n']} |")
-        else:
-            lines.append(f"| {key}{unit} | {metric_text(key, values['mean'])} |")
     if summary["left_out_unfinished"]:
         lines += ["", "Left out (unfinished): " + ", ".join(summary["left_out_unfinished"])]
     return "\n".join(lines) + "\n"
