@@ -924,15 +924,14 @@ def plot_seed_curves(spec: RunSpec, run_dirs: list[Path], seeds: list, path: Pat
             epochs = [int(row["epoch"]) for row in rows]
             accuracy = [100 * float(row["val_accuracy"]) for row in rows]
             axis.plot(epochs, accuracy, "o-", label=f"seed {seed}")
-        regime = Path(name).parent.name
-        title = "Validation accuracy" + (f": {regime}" if regime else "")
-        axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title=title)
+        regime = Path(name).parent.name  # "" for the CNN's one history.csv
+        axis.set(xlabel="epoch", ylabel="validation accuracy (%)", title=regime)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:  # beside the panels, never over the points
-        figure.legend(handles, labels, loc="outside right upper")
-    figure.suptitle(f"{spec.script}: validation accuracy of {len(run_dirs)} seeds, per epoch")
+        figure.legend(handles, labels, loc="outside right center")
+    figure.suptitle(f"{spec.script}: validation accuracy per epoch, {len(run_dirs)} seeds")
     save_figure(figure, path)
 
 
