@@ -85,12 +85,13 @@ from run_management import (  # noqa: E402
     write_csv,
 )
 
-# What defines a run: a resume takes these from its config.json and refuses other values.
+# What defines a run: a resume takes these from its config.json and refuses other values (its
+# --conv-kernels is the formulation it chose: the continuation stays bit-identical).
 HYPERPARAMETERS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs")
 RUN = RunSpec(
     prefix="cnn",
     script="cnn_from_scratch.py",
-    defining_args=(*HYPERPARAMETERS, "seed", "val_size", "layers"),
+    defining_args=(*HYPERPARAMETERS, "seed", "val_size", "layers", "conv_kernels"),
     progress_files=(CHECKPOINT_NAME,),
     history_files=("history.csv",),
 )
@@ -238,25 +239,23 @@ def mnist_sources() -> dict[str, tuple[list[str], str]]:
     return sources
 
 
+def permission_denied(path) -> UserError:
+    return UserError(
+        f"cannot read {path}: permission denied (unreadable, not missing or corrupt): make it "
+        "readable to this user, or pass another --data-dir"
+    )
+
+
 def missing_mnist_files(raw: Path) -> list[str]:
     """The raw MNIST files not in `raw`; a UserError if only their .gz are there."""
     try:
         present = set(os.listdir(raw)) if raw.is_dir() else set()
     except PermissionError:
-        raise UserError(
-            f"cannot read {raw}: permission denied (unreadable, not missing or corrupt): make "
-            "it readable to this user, or pass another --data-dir"
-        ) from None
+        raise permission_denied(raw) from None
     missing = [name for name in mnist_sources() if name not in present]
     if missing and all(f"{name}.gz" in present for name in missing):
         raise UserError(f"only .gz files found in {raw} for {', '.join(missing)}: decompress them")
     return missing
-
-
-def missing_files_message(raw: Path, missing: list[str], why: str) -> str:
-    sources = mnist_sources()
-    listed = ", ".join(f"{name} ({sources[name][0][0]})" for name in missing)
-    return f"MNIST files missing in {raw}: {listed}; {why}; {PREFETCH_HINT}"
 
 
 def download_one(name: str, addresses: list[str], md5: str, folder: Path) -> None:
@@ -270,14 +269,14 @@ def download_one(name: str, addresses: list[str], md5: str, folder: Path) -> Non
             utils.download_and_extract_archive(url, str(folder), filename=f"{name}.gz", md5=md5)
             return
         except Exception as error:  # offline: URLError; a bad MD5: RuntimeError
-            reasons.append(f"{url}: {first_line(error) or type(error).__name__}")
+            reasons.append(f"{url}: {first_line(error)}")
     raise OSError("; ".join(reasons))
 
 
 def download_mnist(data_dir: str, missing: list[str]) -> None:
     """Download the missing raw files into a temporary folder inside data_dir, then move them
     into MNIST/raw/ together. A failure leaves data_dir as it was (no empty folders, no partial
-    files) and is a UserError naming every missing file and why."""
+    files) and is a UserError naming every missing file, its address and why."""
     raw = Path(data_dir) / "MNIST" / "raw"
     made = [folder for folder in (Path(data_dir), raw.parent, raw) if not folder.exists()]
     sources = mnist_sources()
@@ -293,28 +292,28 @@ def download_mnist(data_dir: str, missing: list[str]) -> None:
     except OSError as error:
         for folder in reversed(made):  # the innermost first; only folders this call made
             shutil.rmtree(folder, ignore_errors=True)
-        why = f"downloading them failed ({first_line(error) or type(error).__name__})"
-        raise UserError(missing_files_message(raw, missing, why)) from None
+        listed = ", ".join(f"{name} ({sources[name][0][0]})" for name in missing)
+        raise UserError(
+            f"MNIST files missing in {raw}: {listed}; downloading them failed "
+            f"({first_line(error)}); {PREFETCH_HINT}"
+        ) from None
 
 
 def load_mnist(data_dir, train=True) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST's train or test split from data_dir/MNIST/raw/ (never downloads): uint8 images
-    (N, 28, 28), int64 labels (N,). Each way that fails is one UserError that says what to do."""
+    """MNIST's train or test split from data_dir/MNIST/raw/, downloaded there if missing: uint8
+    images (N, 28, 28), int64 labels (N,). An unreadable or damaged file is one UserError."""
     from torchvision.datasets import MNIST
 
     raw = Path(data_dir) / "MNIST" / "raw"
-    split = "train" if train else "t10k"
-    missing = [name for name in missing_mnist_files(raw) if name.startswith(split)]
+    missing = missing_mnist_files(raw)
     if missing:
-        raise UserError(missing_files_message(raw, missing, "not downloaded"))
+        download_mnist(data_dir, missing)
     try:
         dataset = MNIST(root=str(data_dir), train=train, download=False)
     except PermissionError as error:
-        raise UserError(
-            f"cannot read {error.filename or raw}: permission denied (unreadable, not missing "
-            "or corrupt): make it readable to this user, or pass another --data-dir"
-        ) from None
+        raise permission_denied(error.filename or raw) from None
     except Exception as error:  # a truncated or corrupt IDX file fails inside torchvision
+        split = "train" if train else "t10k"
         raise UserError(
             f"could not read the MNIST {split} files in {raw} ({type(error).__name__}: "
             f"{first_line(error)}); they are corrupt or truncated: delete them and fetch them "
@@ -332,26 +331,23 @@ def load_mnist(data_dir, train=True) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prefetch_mnist(data_dir: str) -> int:
-    """--prefetch: download what is missing (each file MD5-checked against torchvision's
-    published sums), check the MD5 of the .gz files torchvision's own download keeps beside
-    the files, check that both splits read, and report."""
+    """--prefetch: download what is missing, check the MD5 of any .gz that torchvision's own
+    download kept beside the files, read both splits, and report."""
     from torchvision.datasets.utils import check_integrity
 
     raw = Path(data_dir) / "MNIST" / "raw"
-    missing = missing_mnist_files(raw)
-    if missing:
-        download_mnist(data_dir, missing)
+    downloaded = len(missing_mnist_files(raw))
+    train_images = load_mnist(data_dir, train=True)[0]
+    test_images = load_mnist(data_dir, train=False)[0]
     archives = 0
     for name, (_, md5) in mnist_sources().items():
         archive = raw / f"{name}.gz"
         if archive.is_file() and not check_integrity(str(archive), md5):
             raise UserError(f"{archive} is corrupt (its MD5 is not {md5}): delete it and {name}")
         archives += archive.is_file()
-    train_images = load_mnist(data_dir, train=True)[0]
-    test_images = load_mnist(data_dir, train=False)[0]
     log(
         f"MNIST ready in {raw}: {len(train_images):,} training and {len(test_images):,} test "
-        f"images ({len(missing)} files downloaded and MD5-checked, {archives} .gz checked)"
+        f"images ({downloaded} files downloaded and MD5-checked, {archives} .gz checked)"
     )
     return 0
 
@@ -372,12 +368,6 @@ def synthetic_mnist(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.clamp(max=255).to(torch.uint8), labels
 
 
-def mnist_fingerprint(data_dir: str) -> dict:
-    """What identifies the run's data in config.json: the raw files' sizes and label hashes."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    return data_fingerprint([raw / name for name in mnist_sources()])
-
-
 def load_data(args: argparse.Namespace, device: torch.device) -> dict[str, tuple]:
     """train, val (a seeded random --val-size images held out of train, for the validation
     curves) and test, as uint8 images and int64 labels on the device; MNIST (downloaded if
@@ -386,9 +376,6 @@ def load_data(args: argparse.Namespace, device: torch.device) -> dict[str, tuple
         train_set = synthetic_mnist(DRY_RUN_IMAGES["train"], seed=1)
         test_set = synthetic_mnist(DRY_RUN_IMAGES["test"], seed=2)
     else:
-        missing = missing_mnist_files(Path(args.data_dir) / "MNIST" / "raw")
-        if missing:
-            download_mnist(args.data_dir, missing)
         train_set = load_mnist(args.data_dir, train=True)
         test_set = load_mnist(args.data_dir, train=False)
     images, labels = train_set
@@ -397,15 +384,18 @@ def load_data(args: argparse.Namespace, device: torch.device) -> dict[str, tuple
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     val = order[: args.val_size]
     train = order[args.val_size :]
-    data = {"train": (images[train], labels[train]), "val": (images[val], labels[val])}
-    data["test"] = test_set
+    data = {
+        "train": (images[train], labels[train]),
+        "val": (images[val], labels[val]),
+        "test": test_set,
+    }
     return {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}
 
 
-def preprocess(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (N, 28, 28) on the device -> normalised (N, 1, 28, 28), on the same device."""
+def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) on the device -> normalised float32 (N, 1, 28, 28), on the same device."""
     scale = 1.0 / (255.0 * MNIST_STD)
-    return (images_uint8.to(dtype) * scale - MNIST_MEAN / MNIST_STD).unsqueeze(1)
+    return (images_uint8.float() * scale - MNIST_MEAN / MNIST_STD).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,7 +611,8 @@ class BufferedConv2D(Conv2D):
         """im2col transposed, into the buffer `name`: padded (N, C, H_pad, W_pad) -> (C, wh, ww,
         N, H_out, W_out), the (K, P) columns, each row copied in long runs along W (in (P, K)
         order a row is a run of ww values: 4x slower to fill for one channel, measured)."""
-        (wh, ww), (sh, sw) = window, stride
+        wh, ww = window
+        sh, sw = stride
         windows = padded.unfold(2, wh, sh).unfold(3, ww, sw).permute(1, 4, 5, 0, 2, 3)
         return self.reused(name, windows.shape, padded).copy_(windows)
 
@@ -860,36 +851,30 @@ class CNN:
         if set(state) != set(params):
             raise ValueError(f"its tensors {sorted(state)} are not this network's")
         for key, tensor in params.items():
-            if tuple(state[key].shape) != tuple(tensor.shape):
+            if state[key].shape != tensor.shape:
                 raise ValueError(f"{key} is {tuple(state[key].shape)}, not {tuple(tensor.shape)}")
-        for key, tensor in params.items():
             tensor.copy_(state[key])
 
 
 class SGD:
-    """SGD with (Nesterov) momentum and L2 weight decay, in place, as torch.optim.SGD does it:
-    g = grad + weight_decay * p; buf = momentum * buf + g (buf from 0);
-    p -= lr * (g + momentum * buf) with nesterov, else p -= lr * buf."""
+    """SGD with Nesterov momentum and L2 weight decay, in place, as torch.optim.SGD(...,
+    nesterov=True) does it: g = grad + weight_decay * p; buf = momentum * buf + g (buf from 0);
+    p -= lr * (g + momentum * buf)."""
 
-    def __init__(self, model: CNN, lr: float, momentum=0.9, weight_decay=0.0, nesterov=True):
+    def __init__(self, model: CNN, lr: float, momentum=0.9, weight_decay=0.0):
         self.model = model
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.nesterov = nesterov
         self.buffers: dict[str, torch.Tensor] = {}
 
     def step(self) -> None:
         grads = self.model.gradients()
         for key, param in self.model.parameters().items():
-            grad = grads[key]
-            if self.weight_decay:
-                grad = grad.add(param, alpha=self.weight_decay)
-            if self.momentum:
-                buffer = self.buffers.get(key, 0) * self.momentum + grad
-                self.buffers[key] = buffer
-                grad = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
-            param.add_(grad, alpha=-self.lr)
+            grad = grads[key].add(param, alpha=self.weight_decay)
+            buffer = self.buffers.get(key, 0) * self.momentum + grad
+            self.buffers[key] = buffer
+            param.add_(grad.add(buffer, alpha=self.momentum), alpha=-self.lr)
 
     def state_dict(self) -> dict:
         return {"lr": self.lr, "buffers": {k: v.clone() for k, v in self.buffers.items()}}
@@ -924,24 +909,33 @@ def time_conv_kernels(batch_size: int, device: torch.device, repeats: int = 3) -
     return {kind: statistics.median(milliseconds) for kind, milliseconds in times.items()}
 
 
-def layers_output(layers: list, values: dict, by_torch: bool) -> torch.Tensor:
-    """The output of the (index, layer) pairs `layers` at `values` ("input" and parameters
-    "layers.<index>.<name>"): by the layers' own forward, or by torch.nn.functional's."""
+def own_output(layers: list, values: dict) -> torch.Tensor:
+    """The output of the (index, layer) pairs `layers`, by their own forward, at `values`:
+    "input" and the parameters "layers.<index>.<name>"."""
+    x = values["input"]
+    for index, layer in layers:
+        at_values = copy.copy(layer)  # the same layer at these parameters
+        at_values.params = {
+            name: values[f"layers.{index}.{name}"] for name in getattr(layer, "params", {})
+        }
+        x = at_values.forward(x.clone())  # a clone: an in-place ReLU must keep the values
+    return x
+
+
+def torch_output(layers: list, values: dict) -> torch.Tensor:
+    """The same by torch.nn.functional, which autograd differentiates."""
     import torch.nn.functional as F
 
     x = values["input"]
     for index, layer in layers:
-        params = {name: values[f"layers.{index}.{name}"] for name in getattr(layer, "params", {})}
-        if not by_torch:
-            at_values = copy.copy(layer)  # the same layer at these parameters
-            at_values.params = params
-            x = at_values.forward(x.clone())  # a clone: an in-place ReLU must keep the values
-        elif isinstance(layer, Conv2D):
-            x = F.conv2d(x, params["weight"], params["bias"], layer.stride, layer.padding)
+        weight = values.get(f"layers.{index}.weight")
+        bias = values.get(f"layers.{index}.bias")
+        if isinstance(layer, Conv2D):
+            x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
         elif isinstance(layer, MaxPool2D):
             x = F.max_pool2d(x, layer.kernel_size, layer.stride)
         elif isinstance(layer, Linear):
-            x = F.linear(x, params["weight"], params["bias"])
+            x = F.linear(x, weight, bias)
         elif isinstance(layer, ReLU):
             x = F.relu(x)
         else:
@@ -949,70 +943,71 @@ def layers_output(layers: list, values: dict, by_torch: bool) -> torch.Tensor:
     return x
 
 
-def weighted_sum(layers: list, weights: torch.Tensor, values: dict, by_torch=False):
-    """sum(output * weights): its gradient is the backward of `weights`."""
-    return (layers_output(layers, values, by_torch) * weights).sum()
-
-
-def mean_cross_entropy(layers: list, labels: torch.Tensor, values: dict, by_torch=False):
-    """The mean softmax cross-entropy of the output's logits for `labels`."""
-    import torch.nn.functional as F
-
-    logits = layers_output(layers, values, by_torch)
-    if by_torch:
-        return F.cross_entropy(logits, labels)
-    return SoftmaxCrossEntropy().forward(logits, labels)
+def weighted_sum(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(output * weights): its gradient with respect to output is `weights`."""
+    return (output * weights).sum()
 
 
 def gradient_errors(objective, layers: list, target, values: dict, hand: dict, generator):
-    """The largest relative errors of `hand`, the hand-written gradients of objective(layers,
-    target, values): against central finite differences along a random direction per tensor,
-    and against autograd's gradients of the objective by torch's functions."""
+    """The largest relative errors of `hand`, the hand-written gradients of
+    objective(output of layers at values, target): against central finite differences along a
+    random direction per tensor, and against autograd through torch's own functions."""
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in values.items()}
     with torch.enable_grad():
-        by_torch = objective(layers, target, leaves, by_torch=True)
-        grads = torch.autograd.grad(by_torch, [leaves[name] for name in hand])
+        loss = objective(torch_output(layers, leaves), target)
+        by_autograd = torch.autograd.grad(loss, [leaves[name] for name in hand])
     finite = 0.0
     autograd = 0.0
-    for (name, grad), by_autograd in zip(hand.items(), grads):
+    for (name, grad), expected in zip(hand.items(), by_autograd):
         direction = torch.randn(grad.shape, generator=generator, dtype=torch.float64)
-        plus = objective(layers, target, {**values, name: values[name] + 1e-6 * direction})
-        minus = objective(layers, target, {**values, name: values[name] - 1e-6 * direction})
-        numeric = float(plus - minus) / 2e-6
+        plus = own_output(layers, {**values, name: values[name] + 1e-6 * direction})
+        minus = own_output(layers, {**values, name: values[name] - 1e-6 * direction})
+        numeric = float(objective(plus, target) - objective(minus, target)) / 2e-6
         analytic = float((grad * direction).sum())
         finite = max(finite, abs(analytic - numeric) / max(abs(numeric), 1e-30))
-        error = (grad - by_autograd).abs().max() / by_autograd.abs().max().clamp(min=1e-30)
+        error = (grad - expected).abs().max() / expected.abs().max().clamp(min=1e-30)
         autograd = max(autograd, float(error))
     return finite, autograd
 
 
-def layer_gradient_rows(model: CNN, generator: torch.Generator) -> list[tuple]:
-    """gradient_errors' arguments for each layer of the model, on random inputs of the shape it
-    sees in the network and a random output gradient."""
+def network_gradient_errors(model: CNN, generator: torch.Generator) -> dict[str, tuple]:
+    """gradient_errors of each layer on a random input of the shape it sees in the network and
+    a random output gradient, then of the whole network's loss on two random images."""
     x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
-    rows = []
+    errors = {}
     for index, layer in enumerate(model.layers):
         out = layer.forward(x.clone())
         weights = torch.randn(out.shape, generator=generator, dtype=torch.float64)
         grad_in = layer.backward(weights)
-        prefix = f"layers.{index}."
         values = {"input": x}
         hand = {}
         for name, tensor in getattr(layer, "params", {}).items():
-            values[prefix + name] = tensor
-            hand[prefix + name] = layer.grads[name]
+            values[f"layers.{index}.{name}"] = tensor
+            hand[f"layers.{index}.{name}"] = layer.grads[name]
         if grad_in is not None:
             hand["input"] = grad_in
-        name = f"{index} {type(layer).__name__}"
-        rows.append((name, weighted_sum, [(index, layer)], weights, values, hand))
+        row = f"{index} {type(layer).__name__}"
+        errors[row] = gradient_errors(
+            weighted_sum, [(index, layer)], weights, values, hand, generator
+        )
         x = torch.empty_like(out).normal_(generator=generator)  # distinct values: no ties
-    return rows
+    x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,), generator=generator)
+    loss_fn = SoftmaxCrossEntropy()
+    loss_fn.forward(model.forward(x), y)
+    model.backward(loss_fn.backward())
+    values = {"input": x, **model.parameters()}
+    every_layer = list(enumerate(model.layers))
+    hand = model.gradients()
+    errors["whole network"] = gradient_errors(
+        loss_fn.forward, every_layer, y, values, hand, generator
+    )
+    return errors
 
 
 def check_gradients(seed: int = 0) -> int:
-    """--check-gradients, for each layer kind in float64: every layer on random inputs of the
-    shape it sees in the network, then the whole network's loss on two random images. Logs the
-    largest relative errors; 0 if each is within GRADIENT_TOLERANCES, else FAILURE_EXIT_CODE."""
+    """--check-gradients: network_gradient_errors of each layer kind in float64, logged; 0 if
+    each is within GRADIENT_TOLERANCES, else FAILURE_EXIT_CODE."""
     log("largest relative difference of the hand-written gradients (float64):")
     log(f"{'layers':<11}{'layer':<22}{'vs finite differences':>22}{'vs autograd':>13}")
     worst = dict.fromkeys(GRADIENT_TOLERANCES, 0.0)
@@ -1021,19 +1016,7 @@ def check_gradients(seed: int = 0) -> int:
         model = CNN(layers=kind, dtype=torch.float64, generator=generator)
         for _, layer in model.trainable_layers():
             layer.params["bias"].normal_(std=0.1, generator=generator)
-        rows = layer_gradient_rows(model, generator)
-        x = torch.randn(2, 1, 28, 28, generator=generator, dtype=torch.float64)
-        y = torch.randint(0, 10, (2,), generator=generator)
-        loss_fn = SoftmaxCrossEntropy()
-        loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward())
-        values = {"input": x, **model.parameters()}
-        every_layer = list(enumerate(model.layers))
-        rows.append(
-            ("whole network", mean_cross_entropy, every_layer, y, values, model.gradients())
-        )
-        for name, *check in rows:
-            errors = gradient_errors(*check, generator)
+        for name, errors in network_gradient_errors(model, generator).items():
             log(f"{kind:<11}{name:<22}{errors[0]:>22.1e}{errors[1]:>13.1e}")
             worst = {key: max(worst[key], error) for key, error in zip(worst, errors)}
     within = all(worst[key] <= limit for key, limit in GRADIENT_TOLERANCES.items())
@@ -1097,8 +1080,15 @@ def train_epoch(args, model: CNN, optimizer: SGD, train_set: tuple, state: dict,
     batches = torch.randperm(len(train_x), generator=shuffle).to(train_x.device)
     batches = batches.split(args.batch_size)
     done = state["step_in_epoch"]
-    shown = {"desc": f"epoch {epoch + 1}/{args.epochs}", "disable": not sys.stderr.isatty()}
-    for index in tqdm(batches[done:], total=len(batches), initial=done, leave=False, **shown):
+    progress_bar = tqdm(
+        batches[done:],
+        desc=f"epoch {epoch + 1}/{args.epochs}",
+        total=len(batches),
+        initial=done,
+        leave=False,
+        disable=not sys.stderr.isatty(),  # a bar on a terminal; none in a SLURM .out file
+    )
+    for index in progress_bar:
         step = epoch * steps_per_epoch + state["step_in_epoch"]
         optimizer.lr = learning_rate(step, steps_per_epoch * args.epochs, args.lr, warmup_steps)
         logits = model.forward(preprocess(train_x[index]))
@@ -1181,26 +1171,18 @@ def save_checkpoint(run_dir: Path, model: CNN, optimizer: SGD, state: dict) -> N
 
 def load_checkpoint(path: Path, model: CNN, optimizer: SGD) -> dict:
     """Load the checkpoint into model and optimizer and restore the RNG state; returns the
-    training state. An unreadable file, or one that is not this network's (another script's,
-    another shape), is a UserError."""
+    training state. A damaged file, or one that is not this network's, is a UserError."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # unreadable, truncated, not a torch file
-        raise UserError(
-            f"cannot read the checkpoint {path} ({type(error).__name__}: {first_line(error)}); "
-            "start a new run without --resume"
-        ) from None
-    try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"])
-        state = checkpoint["state"]
-    except Exception as error:  # other keys or shapes: another script's checkpoint
+        return checkpoint["state"]
+    except Exception as error:  # truncated, not a torch file, or another network's tensors
         raise UserError(
-            f"the checkpoint {path} does not fit this network ({type(error).__name__}: "
-            f"{first_line(error)}); it is not this script's: start a new run without --resume"
+            f"cannot resume from the checkpoint {path} ({type(error).__name__}: "
+            f"{first_line(error)}): it is damaged or not this script's; start a new run"
         ) from None
-    return state
 
 
 def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor) -> dict:
@@ -1226,19 +1208,11 @@ def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor) -> dic
     return {"macro_f1": float(f1.mean()), "per_class": per_class, "confusion_matrix": confusion}
 
 
-def epoch_axis(axis, last_epoch: int) -> None:
-    """An x axis of whole epochs from 0 (a one-epoch run gets 0 and 1, not 0.995), and a grid."""
-    from matplotlib.ticker import MaxNLocator
-
-    axis.set(xlabel="epoch", xlim=(0, last_epoch + 0.25))
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.grid(alpha=0.3)
-
-
 def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, title: str) -> None:
     """Loss and accuracy per epoch, train (the running mean over the epoch's steps, as the
     weights changed) beside val (the weights at the epoch's end), and each step's learning rate."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
@@ -1252,8 +1226,10 @@ def plot_training_curves(history: list[dict], lr_by_step: list, path: Path, titl
     axes[2].plot([(step + 1) / steps_per_epoch for step in range(len(lr_by_step))], lr_by_step)
     names = ("cross-entropy loss", "accuracy (%)", "learning rate (per step)")
     for axis, name in zip(axes, names):
-        axis.set(ylabel=name, title=name.split(" (")[0].capitalize())
-        epoch_axis(axis, max(epochs, default=1))
+        axis.set(ylabel=name, title=name.split(" (")[0].capitalize(), xlabel="epoch")
+        axis.set_xlim(0, max(epochs, default=1) + 0.25)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # 0 and 1, not 0.995 and 1.0
+        axis.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
     figure.suptitle(title)
@@ -1286,16 +1262,7 @@ def plot_confusion_matrix(confusion: list, path: Path, title: str) -> None:
         if value or row == column:
             color = "white" if row != column and value > most / 2 else "black"
             weight = "bold" if row == column else "normal"
-            axis.text(
-                column,
-                row,
-                str(value),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color=color,
-                weight=weight,
-            )
+            axis.text(column, row, value, ha="center", va="center", color=color, weight=weight)
     save_figure(figure, path)
 
 
@@ -1381,8 +1348,6 @@ def open_run(args, explicit: set[str], lock: RunLock) -> tuple[Path | None, dict
     lock.acquire(run_dir)
     record = read_run_record(run_dir)
     merge_resumed_args(RUN, args, record["args"], explicit)
-    if args.conv_kernels == "auto":  # the formulation it chose: a bit-identical continuation
-        args.conv_kernels = record["args"].get("conv_kernels", "auto")
     removed = remove_stale_temp_files(run_dir)
     if removed:
         log(f"resume: removed {removed} temporary files of an interrupted write")
@@ -1431,7 +1396,8 @@ def run(args: argparse.Namespace, explicit: set[str], stop: StopSignal, lock: Ru
     data = load_data(args, device)
     sizes = ", ".join(f"{len(x)} {name}" for name, (x, _) in data.items())
     log(f"data: {sizes} images, uint8 on {device}{' (synthetic: --dry-run)' * args.dry_run}")
-    data_files = None if args.dry_run else mnist_fingerprint(args.data_dir)
+    raw = Path(args.data_dir) / "MNIST" / "raw"
+    data_files = None if args.dry_run else data_fingerprint([raw / f for f in mnist_sources()])
     if record is not None:
         check_same_data(record.get("data_files"), data_files, args.data_dir)
     conv_kernel_ms = choose_conv_kernels(args, device)

@@ -481,13 +481,13 @@ def test_time_conv_kernels_times_both_and_leaves_the_global_random_state_alone()
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("nesterov,momentum,weight_decay", [(True, 0.9, 5e-4), (False, 0.5, 0.0)])
-def test_sgd_matches_torch_optim(nesterov, momentum, weight_decay):
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.5, 0.0)])
+def test_sgd_matches_torch_optim(momentum, weight_decay):
     model = cnn.CNN(dtype=F64, generator=torch.Generator().manual_seed(0))
     twin = torch_nn_twin(model)
-    optimizer = cnn.SGD(model, 0.1, momentum, weight_decay, nesterov=nesterov)
+    optimizer = cnn.SGD(model, 0.1, momentum, weight_decay)
     reference = torch.optim.SGD(
-        twin.parameters(), 0.1, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+        twin.parameters(), 0.1, momentum=momentum, weight_decay=weight_decay, nesterov=True
     )
     loss_fn = cnn.SoftmaxCrossEntropy()
     for step in range(3):

@@ -438,6 +438,14 @@ def test_resume_refuses_contradicting_hyperparameters(mnist_dir, interrupted, tm
     args = small_run_args(mnist_dir, tmp_path, "--resume", str(interrupted), "--batch-size", "640")
     assert cnn.main(args) == rm.USAGE_EXIT_CODE
     assert "--batch-size 640 contradicts the run being resumed" in capsys.readouterr().err
+    # The second convolution's formulation it chose at the start is kept: a bit-identical resume.
+    chosen = json.loads((interrupted / "config.json").read_text())["args"]["conv_kernels"]
+    other = next(kind for kind in cnn.CONV_KERNELS if kind != chosen)
+    args = small_run_args(
+        mnist_dir, tmp_path, "--resume", str(interrupted), "--conv-kernels", other
+    )
+    assert cnn.main(args) == rm.USAGE_EXIT_CODE
+    assert f"--conv-kernels {other} contradicts the run being resumed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
@@ -466,8 +474,9 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_line(interrupted, tmp_path,
     torch.save(checkpoint, run_dir / "last.pt")
     assert cnn.main(["--resume", str(run_dir)]) == rm.USAGE_EXIT_CODE
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: the checkpoint {run_dir / 'last.pt'}")
-    assert "does not fit this network" in err[0]
+    assert len(err) == 1
+    assert err[0].startswith(f"error: cannot resume from the checkpoint {run_dir / 'last.pt'}")
+    assert "not this script's" in err[0]
     assert not (run_dir / "metrics.json").exists()
 
 
@@ -477,7 +486,10 @@ def test_a_truncated_checkpoint_is_one_error_line(interrupted, tmp_path, capsys)
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     assert cnn.main(["--resume", str(run_dir)]) == rm.USAGE_EXIT_CODE
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: cannot read the checkpoint {checkpoint}")
+    assert len(err) == 1 and err[0].startswith(
+        f"error: cannot resume from the checkpoint {checkpoint}"
+    )
+    assert "damaged" in err[0]
 
 
 def test_a_finished_run_is_never_reopened(finished, mnist_dir, tmp_path, monkeypatch, capsys):

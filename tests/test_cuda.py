@@ -1,10 +1,11 @@
 """What only a CUDA GPU can show (marked `cuda`, skipped without one; bench/gpu_check.py runs
-them on a lent GPU machine), and the GPU check's dry run, which runs everywhere.
+them on a lent GPU machine; tests/test_gpu_check.py tests that check on the CPU).
 
-On the GPU: the from-scratch CNN's layers against the same on the CPU (float64), a tiny ResNet
-run in both precisions (bf16 where the GPU has it natively, fp16 + GradScaler as an older GPU
-gets), resume after an interruption, cached vs uncached logits, and two processes over NCCL
-when the machine has two GPUs.
+On the GPU: the from-scratch CNN's layers against the same on the CPU (float64), its optimiser
+state across a resume, and its script end to end; the ResNet's cached vs uncached logits in the
+GPU's channels_last layout, a tiny run in both precisions (bf16 where the GPU has it natively,
+fp16 + GradScaler as an older GPU gets), resume after an interruption, and two processes over
+NCCL when the machine has two GPUs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,11 +22,14 @@ import pytest
 import torch
 from datasets import write_emnist, write_standin_weights
 
+import cnn_from_scratch as cnn
 import resnet18
+from run_management import CHECKPOINT_NAME, RESUMABLE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TINY = ["--img-size", "32", "--batch-size", "32", "--epochs", "2", "--device", "cuda"]
+CNN_LAYERS = [("reference", "kernel-rows"), *(("fast", kernels) for kernels in cnn.CONV_KERNELS)]
 
 
 def cuda_test(function):
@@ -53,33 +56,64 @@ def last_folder(stdout: str, prefix: str) -> Path:
 
 
 @cuda_test
-def test_from_scratch_cnn_on_cuda_matches_the_cpu():
-    import cnn_from_scratch as cnn
-
-    cpu_model = cnn.CNN(dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cuda_model = cnn.CNN(dtype=torch.float64, device="cuda")
-    cuda_model.load_state_dict({k: v.cuda() for k, v in cpu_model.state_dict().items()})
+@pytest.mark.parametrize("layers, conv_kernels", CNN_LAYERS)
+def test_from_scratch_cnn_on_cuda_matches_the_cpu(layers, conv_kernels):
+    models = {}
+    for device in ("cpu", "cuda"):  # the same generator: the same initial weights
+        generator = torch.Generator().manual_seed(0)
+        models[device] = cnn.CNN(
+            layers=layers,
+            conv_kernels=conv_kernels,
+            dtype=torch.float64,
+            device=device,
+            generator=generator,
+        )
     x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
     y = torch.randint(0, 10, (6,))
-    losses = []
-    for model, device in ((cpu_model, "cpu"), (cuda_model, "cuda")):
+    losses = {}
+    for device, model in models.items():
         loss_fn = cnn.SoftmaxCrossEntropy()
-        losses.append(loss_fn.forward(model.forward(x.to(device)), y.to(device)).cpu())
+        losses[device] = loss_fn.forward(model.forward(x.to(device)), y.to(device)).cpu()
         model.backward(loss_fn.backward())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
-    for (_, cpu_layer), (_, cuda_layer) in zip(
-        cpu_model.trainable_layers(), cuda_model.trainable_layers()
-    ):
-        for name, grad in cpu_layer.grads.items():
-            torch.testing.assert_close(grad, cuda_layer.grads[name].cpu(), rtol=1e-9, atol=1e-12)
-    # A resume loads the optimizer's momentum to the CPU (map_location="cpu"): it must step on.
-    optimizer = cnn.SGD(cuda_model, 0.1)
+    torch.testing.assert_close(losses["cpu"], losses["cuda"], rtol=1e-10, atol=1e-12)
+    on_cuda = models["cuda"].gradients()
+    for key, grad in models["cpu"].gradients().items():
+        assert on_cuda[key].is_cuda
+        torch.testing.assert_close(grad, on_cuda[key].cpu(), rtol=1e-9, atol=1e-12)
+
+
+@cuda_test
+def test_from_scratch_sgd_resumes_on_cuda_from_a_checkpoint_read_to_the_cpu():
+    model = cnn.CNN(dtype=torch.float64, device="cuda", generator=torch.Generator().manual_seed(0))
+    loss_fn = cnn.SoftmaxCrossEntropy()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64, device="cuda")
+    loss_fn.forward(model.forward(x), torch.randint(0, 10, (6,), device="cuda"))
+    model.backward(loss_fn.backward())
+    optimizer = cnn.SGD(model, 0.1)
     optimizer.step()
     saved = optimizer.state_dict()
-    resumed = cnn.SGD(cuda_model, 0.1)
+    # A checkpoint is read with map_location="cpu": the buffers come back on the CPU.
+    resumed = cnn.SGD(model, 0.1)
     resumed.load_state_dict({**saved, "buffers": {k: v.cpu() for k, v in saved["buffers"].items()}})
     resumed.step()
+    optimizer.step()
     assert all(buffer.is_cuda for buffer in resumed.buffers.values())
+    for key, buffer in optimizer.buffers.items():
+        torch.testing.assert_close(resumed.buffers[key], buffer)
+
+
+@cuda_test
+def test_from_scratch_script_trains_on_cuda(tmp_path, capsys):
+    code = cnn.main(["--dry-run", "--device", "cuda", "--output-dir", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:]
+    run_dir = last_folder(stdout, "results: ")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["environment"]["device"] == "cuda"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.5  # the dry run's synthetic digits are learnable
+    checkpoint = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+    assert checkpoint["optimizer"]["buffers"]  # the momentum a resume continues with
 
 
 @cuda_test
@@ -91,23 +125,21 @@ def test_precision_follows_the_compute_capability():
 
 
 @cuda_test
-def test_cached_and_uncached_logits_agree_on_cuda():
+@pytest.mark.parametrize("regime", resnet18.REGIMES)
+def test_cached_and_uncached_logits_agree_on_cuda(regime):
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = resnet18.build_model("partial_unfreeze", None).to(
-        device, memory_format=torch.channels_last
-    )
+    model = resnet18.build_model(regime, None).to(device, memory_format=torch.channels_last)
+    layers = resnet18.as_layers(model.eval(), 96)
     images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 62, (64,), device=device)
+    labels = torch.randint(0, resnet18.NUM_CLASSES, (64,), device=device)
     precision = resnet18.select_precision(device, True)
-    cached = resnet18.frozen_outputs(model, images, 4, 96, precision)
-    scores = []
-    for rows, first in ((images, 0), (cached, 4)):
-        module = resnet18.StagesFrom(model, first, 96)  # channels_last on CUDA
-        scores.append(
-            resnet18.evaluate_split(module, rows, labels, precision, keep_scores=True)["scores"]
-        )
-    torch.testing.assert_close(scores[0], scores[1], rtol=2e-2, atol=2e-2)
+    first_trained = resnet18.FIRST_TRAINED[regime]
+    cached = resnet18.forward_all(layers[:first_trained], images, 96, precision)
+    assert cached.is_cuda and cached.dtype == precision.dtype
+    on_cache = resnet18.evaluate(layers[first_trained:], cached, labels, precision, 96)
+    on_images = resnet18.evaluate(layers, images, labels, precision, 96)
+    torch.testing.assert_close(on_cache["scores"], on_images["scores"], rtol=2e-2, atol=2e-2)
 
 
 @cuda_test
@@ -124,10 +156,11 @@ def test_tiny_run_trains_in_each_precision(inputs, tmp_path, monkeypatch, capsys
     folder = last_folder(stdout, "results: ")
     metrics = json.loads((folder / "partial_unfreeze" / "metrics.json").read_text())
     assert metrics["precision"] == expected and math.isfinite(metrics["test_loss"])
-    assert metrics["cached_frozen_stages"] == 4  # the layer3 cache fits on any GPU here
+    assert metrics["frozen_output_cached"] == [True]  # the layer3 cache fits on any GPU here
 
 
 @cuda_test
+@pytest.mark.slow
 def test_resume_after_an_interruption_on_cuda(inputs, tmp_path):
     env = environment(inputs)
     command = [sys.executable, str(REPO / "resnet18.py"), *TINY, "--no-download"]
@@ -143,8 +176,9 @@ def test_resume_after_an_interruption_on_cuda(inputs, tmp_path):
             process.send_signal(signal.SIGTERM)
             break
     rest, stderr = process.communicate(timeout=300)
-    assert process.returncode == resnet18.RESUMABLE_EXIT_CODE, stderr[-3000:]
+    assert process.returncode == RESUMABLE_EXIT_CODE, stderr[-3000:]
     folder = last_folder("".join(lines) + rest, "stopped: ")
+    assert (folder / "partial_unfreeze" / CHECKPOINT_NAME).is_file()
     resumed = subprocess.run(
         [sys.executable, str(REPO / "resnet18.py"), "--resume", str(folder), "--epochs", "30"],
         env=env,
@@ -159,6 +193,7 @@ def test_resume_after_an_interruption_on_cuda(inputs, tmp_path):
 
 
 @cuda_test
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_processes_over_nccl(inputs, tmp_path):
     env = environment(inputs)
@@ -175,22 +210,3 @@ def test_two_processes_over_nccl(inputs, tmp_path):
     assert config["distributed"]["world_size"] == 2
     assert "nccl" in config["distributed"]["backend"]
     assert config["distributed"]["batchnorm"].startswith("SyncBatchNorm")
-
-
-def test_gpu_check_dry_run_exercises_every_step(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    logs = "".join(path.read_text()[-1500:] for path in tmp_path.glob("*.log"))
-    assert result.returncode == 0, result.stdout[-3000:] + logs
-    summary = (tmp_path / "summary.md").read_text()
-    for step in ("tests", "cnn", "resnet"):
-        assert f"| {step} | ok |" in summary, summary
-    assert "| linear_probe |" in summary and "| partial_unfreeze |" in summary
-    assert re.search(r"From-scratch CNN, training throughput ratio .+ / torch.nn: [\d.]+x", summary)
-    assert "n/a" not in summary
