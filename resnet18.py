@@ -384,13 +384,13 @@ def select_precision(device: torch.device, amp: bool) -> Precision:
 
 def use_fast_cuda_kernels() -> None:
     """cuDNN's benchmark mode (the shapes are fixed) and TF32 for float32 matmuls and
-    convolutions: through fp32_precision where torch has it (>= 2.9), else allow_tf32."""
+    convolutions. Matmuls through set_float32_matmul_precision: torch.compile reads it back, and
+    the newer per-backend fp32_precision alone leaves it undefined (compile fails on an H200)."""
     torch.backends.cudnn.benchmark = True
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.set_float32_matmul_precision("high")
+    if hasattr(torch.backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
         torch.backends.cudnn.conv.fp32_precision = "tf32"
     else:
-        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
 

@@ -624,20 +624,26 @@ def test_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, dtype, scal
     assert not resnet18.select_precision(torch.device("cuda", 0), False).use_scaler
 
 
-def test_tf32_is_set_through_fp32_precision_where_torch_has_it():
-    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        pytest.skip("torch < 2.9: allow_tf32 is the only switch")
-    matmul = torch.backends.cuda.matmul
+def test_tf32_is_on_where_torch_compile_reads_it():
+    """torch.compile reads the matmul precision back through get_float32_matmul_precision, which
+    raises when only the per-backend fp32_precision was set (it failed so on an H200)."""
+    precision = torch.get_float32_matmul_precision()
+    benchmark = torch.backends.cudnn.benchmark
     conv = torch.backends.cudnn.conv
-    before = (matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark)
+    new_api = hasattr(conv, "fp32_precision")
+    conv_precision = conv.fp32_precision if new_api else None
     try:
-        matmul.fp32_precision = "ieee"
-        conv.fp32_precision = "ieee"
         resnet18.use_fast_cuda_kernels()
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.get_float32_matmul_precision() == "high"
+        if new_api:
+            assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+            assert conv.fp32_precision == "tf32"
         assert torch.backends.cudnn.benchmark
     finally:
-        matmul.fp32_precision, conv.fp32_precision, torch.backends.cudnn.benchmark = before
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.benchmark = benchmark
+        if new_api:
+            conv.fp32_precision = conv_precision
 
 
 def test_the_cache_counts_the_gather_buffer_only_with_several_processes(emnist):
