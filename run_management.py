@@ -127,9 +127,10 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def error(self, message: str):
-        if message.endswith("expected one argument"):
+        option = re.fullmatch(r"argument (--[\w-]+): expected one argument", message)
+        if option:
             # argparse reads "-1e-9" as an option, not as the value of the option before it.
-            message += "; a value that starts with '-' is written with '=': --weight-decay=-1e-9"
+            message += f"; a value that starts with '-' is written with '=': {option[1]}=-1e-9"
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(USAGE_EXIT_CODE)
 

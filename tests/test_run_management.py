@@ -326,7 +326,8 @@ def test_bad_and_huge_numbers_are_one_error_line_for_every_numeric_option(script
 
 def test_a_negative_number_is_told_to_use_an_equals_sign(script, capsys):
     line = parse_error(script, ["--weight-decay", "-1e-9"], capsys)
-    assert "--weight-decay=-1e-9" in line
+    assert "written with '=': --weight-decay=-1e-9" in line
+    assert "written with '=': --lr=-1e-9" in parse_error(script, ["--lr", "-1e-3"], capsys)
 
 
 def test_abbreviated_options_are_refused(script, capsys):
