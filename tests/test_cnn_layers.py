@@ -223,6 +223,27 @@ def test_maxpool2d_ties_go_to_the_first_maximum_like_torch(pool_class, kernel, s
         torch.testing.assert_close(grad_in, x_ref.grad, **TOL)
 
 
+@pytest.mark.parametrize(
+    "window,first_maximum",
+    [
+        ([[1.0, 5.0], [5.0, 0.0]], (0, 1)),
+        ([[0.0, 0.0, 5.0], [5.0, 0.0, 5.0], [0.0, 5.0, 0.0]], (0, 2)),
+    ],
+)
+def test_fast_maxpool2d_ties_across_rows_go_to_the_first_in_row_order(window, first_maximum):
+    # The fast pool takes each row's maximum first, then the rows': a tie between an earlier
+    # row's later column and a later row's first column must still go to the earlier row.
+    x = torch.tensor(window, dtype=F64).view(1, 1, len(window), len(window))
+    pool = cnn.FastMaxPool2D(len(window))
+    grad_in = pool.backward(torch.full_like(pool.forward(x), 2.0))
+    expected = torch.zeros_like(x)
+    expected[0, 0, first_maximum[0], first_maximum[1]] = 2.0
+    torch.testing.assert_close(grad_in, expected, **TOL)
+    x_ref = x.clone().requires_grad_()
+    F.max_pool2d(x_ref, len(window)).backward(torch.full((1, 1, 1, 1), 2.0, dtype=F64))
+    torch.testing.assert_close(grad_in, x_ref.grad, **TOL)
+
+
 @pytest.mark.parametrize("kernel,stride", [(2, None), (3, 2), (2, 1)])
 def test_relu_mask_on_the_pooled_grid_equals_relu_backward_after_pool_backward(kernel, stride):
     x = torch.randn(2, 4, 9, 8, dtype=F64)
