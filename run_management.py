@@ -258,9 +258,14 @@ def run_main(run, args: argparse.Namespace, explicit: set[str]) -> int:
     return code
 
 
+def holds_checkpoint(run_dir: Path) -> bool:
+    """True when a last.pt lies in the run folder or one of its regime folders."""
+    return any(run_dir.glob(f"**/{CHECKPOINT_NAME}"))
+
+
 def saved_work(run_dir: Path | None) -> str:
     """What an abort left: the run's last checkpoint, or nothing."""
-    if run_dir is None or not any(run_dir.glob(f"**/{CHECKPOINT_NAME}")):
+    if run_dir is None or not holds_checkpoint(run_dir):
         return "nothing was saved"
     return f"the last checkpoint is intact: --resume {shell_path(run_dir)} continues from it"
 
@@ -353,7 +358,7 @@ def json_text(value, indent: str = "") -> str:
 def after_failed_write(path: Path) -> str:
     """What a user does after a failed write of `path`: continue the run, or start again."""
     run_dir = next((p for p in path.parents if (p / RUN_RECORD).is_file()), None)
-    if run_dir is None or not any(run_dir.glob(f"**/{CHECKPOINT_NAME}")):
+    if run_dir is None or not holds_checkpoint(run_dir):
         return "nothing to resume yet: make room (or pass another --output-dir), then start again"
     return f"make room, then continue: {saved_work(run_dir)}"
 
